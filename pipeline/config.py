@@ -1,0 +1,207 @@
+"""params.yaml -> typed, validated config: the one place that knows the schema.
+
+Every stage calls ``load_config()``. A bad value stops with one line that names
+the key, the value and what is allowed; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+DatasetName = Literal["mnist", "fashion_mnist", "gaussian1d"]
+ModelName = Literal["mlp", "dcgan", "dcgan_upsample", "toy1d"]
+LossName = Literal["minimax", "ns", "wgan", "wgan_gp", "hinge"]
+PositiveFloat = Field(gt=0)
+
+
+class ConfigError(ValueError):
+    """An invalid params.yaml; the message is one line naming key, value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    datasets: list[DatasetName] = Field(min_length=1)
+    verify_checksums: bool = True
+    retries: int = Field(3, ge=1)
+    timeout_s: float = Field(60, gt=0)
+    mirrors: dict[DatasetName, list[str]] = {}
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each dataset may appear once")
+        return value
+
+
+class ModelConfig(Section):
+    name: ModelName = "dcgan"
+    latent_dim: PositiveInt = 100
+    hidden: list[PositiveInt] = Field([256, 512, 1024], min_length=1)
+    channels: PositiveInt = 64
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    loss: LossName = "ns"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    noise: Literal["gaussian", "uniform"] = "gaussian"
+    optimizer: Literal["auto", "adam", "rmsprop", "sgd"] = "auto"
+    lr_g: float = PositiveFloat
+    lr_d: float = PositiveFloat
+    betas_g: tuple[float, float] = (0.5, 0.999)
+    betas_d: tuple[float, float] = (0.5, 0.999)
+    d_steps: PositiveInt = 1
+    g_steps: PositiveInt = 1
+    clip_value: float = Field(0.01, gt=0)
+    gp_weight: float = Field(10.0, ge=0)
+    lr_decay_gamma: float = Field(1.0, gt=0, le=1)
+    lr_decay_every: PositiveInt = 1000
+    d_pretrain_steps: int = Field(0, ge=0)
+    early_stop_patience: int = Field(0, ge=0)
+    early_stop_tol: float = Field(0.05, gt=0, lt=0.5)
+    log_every: PositiveInt = 50
+    bf16: bool = False
+    cuda_graph: bool = True
+    checkpoint_every: PositiveInt = 1
+    eval_samples: PositiveInt = 5000
+    seed: int = 0
+
+    @field_validator("betas_g", "betas_d")
+    @classmethod
+    def _betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("both betas must be in [0, 1)")
+        return value
+
+
+class EvaluatorConfig(Section):
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt = 256
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
+class RayConfig(Section):
+    address: Optional[str] = None
+    num_workers: PositiveInt = 2
+    use_gpu: Literal["auto", True, False] = "auto"
+    storage_path: str = "ray_results"
+    max_failures: int = Field(2, ge=-1)
+
+
+class MlflowConfig(Section):
+    tracking_uri: Optional[str] = None
+    experiment_prefix: str = "ganpipe"
+    register_model: bool = True
+
+
+class Config(Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig
+    evaluator: EvaluatorConfig = EvaluatorConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> "Config":
+        toy = [d for d in self.data.datasets if d == "gaussian1d"]
+        if self.model.name == "toy1d" and len(toy) != len(self.data.datasets):
+            raise ValueError("model.name toy1d only trains the gaussian1d dataset")
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        section = _section_model(first["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else "?"
+        return f"{source}: unknown key '{loc}' (allowed here: {allowed})"
+    if first["type"] == "missing":
+        return f"{source}: missing key '{loc}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    if loc == "<top level>" or isinstance(value, dict):
+        return f"{source}: {loc}: {msg}"
+    return f"{source}: {loc} = {value!r} is invalid: {msg}"
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with dotted keys set, e.g. {"train.lr_g": 1e-3}."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (run from the project root, where params.yaml lives)")
+    with path.open() as fh:
+        try:
+            return yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def load_config(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Config:
+    raw = read_params(path)
+    return validate(apply_overrides(raw, overrides or {}), source=str(path))
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"train.lr_g": 0.0002, ...}: the flat view MLflow params and sweeps use."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = node
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat
+
+
+def params_hash(path: str | Path = PARAMS_FILE) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
