@@ -18,7 +18,7 @@ $(BIN)/ganpipe: pyproject.toml
 setup: $(BIN)/ganpipe
 
 repro: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,0 +1,95 @@
+"""`ganpipe <command>`: the DVC stages and the user-facing tools, one entry point.
+
+Expected failures (bad params, failed downloads, malformed files) print one
+clear message and exit 1 without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gan.data import IDXError
+from pipeline.config import PARAMS_FILE, ConfigError, load_config
+from pipeline.fetch import FetchError
+
+USER_ERRORS = (ConfigError, FetchError, IDXError, FileNotFoundError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from gan.engine import DivergedError
+    from pipeline.train import TrainingDiverged
+
+    return (*USER_ERRORS, DivergedError, TrainingDiverged)
+
+
+def _stage(module_name: str):
+    """A command that loads params.yaml and runs ``pipeline.<module>.run(cfg, dataset)``."""
+    def command(args: argparse.Namespace) -> None:
+        import importlib
+
+        cfg = load_config(args.params)
+        if args.dataset not in cfg.data.datasets:
+            raise ConfigError(f"{args.params}: --dataset {args.dataset!r} is not in data.datasets "
+                              f"(allowed: {', '.join(cfg.data.datasets)})")
+        importlib.import_module(f"pipeline.{module_name}").run(cfg, args.dataset)
+    return command
+
+
+def _tool(name: str):
+    def command(args: argparse.Namespace) -> None:
+        from pipeline import generate
+
+        cfg = load_config(args.params)
+        options = dict(checkpoint=args.checkpoint, mlflow_run=args.mlflow_run, n=args.n, seed=args.seed)
+        if name == "sample":
+            generate.sample_command(cfg, args.dataset, output=args.output, **options)
+        else:
+            generate.evaluate_command(cfg, args.dataset, **options)
+    return command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ganpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_text in [("fetch", "download the raw IDX files of a dataset"),
+                            ("preprocess", "parse raw files into data/processed/<dataset>.npz"),
+                            ("evaluator", "train the quality evaluator and record the floor/ceilings"),
+                            ("train", "train a GAN on Ray Train, logged to MLflow")]:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--dataset", required=True)
+        sub.set_defaults(func=_stage(name))
+
+    for name, help_text in [("sample", "write a PNG grid of generated images"),
+                            ("evaluate", "print a generator's quality metrics next to the floor")]:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--dataset", required=True)
+        source = sub.add_mutually_exclusive_group()
+        source.add_argument("--checkpoint", help="generator.pt or checkpoint.pt (default: models/<dataset>/generator.pt)")
+        source.add_argument("--mlflow-run", help="an MLflow run id whose logged generator to use")
+        sub.add_argument("-n", type=int, default=64 if name == "sample" else 10_000, help="number of samples")
+        sub.add_argument("--seed", type=int, default=0)
+        if name == "sample":
+            sub.add_argument("-o", "--output", default="samples.png")
+        sub.set_defaults(func=_tool(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except _user_errors() as err:
+        print(f"ganpipe {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""preprocess@<dataset>: raw IDX files -> data/processed/<dataset>.{npz,json,png}.
+
+The npz holds exactly x_train (N,28,28) uint8, y_train (N,) int64, x_test, y_test.
+The json holds counts, pixel mean/std and class histograms; the png is a grid of
+real samples, the reference picture the train stage logs next to its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gan.data import DATASETS, GAUSSIAN1D_MEAN, GAUSSIAN1D_STD, idx_file_name, load_idx_split, to_unit_range
+from gan.images import image_grid, save_png
+from pipeline.config import Config
+from pipeline.fetch import raw_dir
+
+# The toy set's size: as large as MNIST's splits, cheap to sample.
+TOY_TRAIN, TOY_TEST = 60_000, 10_000
+GRID_IMAGES = 64
+
+
+def processed_paths(dataset: str) -> dict[str, Path]:
+    base = Path("data") / "processed" / dataset
+    return {"npz": base.with_suffix(".npz"), "json": base.with_suffix(".json"),
+            "png": base.parent / f"{dataset}_real.png"}
+
+
+def load_processed(dataset: str, root: Path = Path(".")) -> dict[str, np.ndarray]:
+    with np.load(root / processed_paths(dataset)["npz"]) as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+def _idx_arrays(dataset: str) -> dict[str, np.ndarray]:
+    folder = raw_dir(dataset)
+    x_train, y_train = load_idx_split(folder / idx_file_name("train_images"), folder / idx_file_name("train_labels"))
+    x_test, y_test = load_idx_split(folder / idx_file_name("test_images"), folder / idx_file_name("test_labels"))
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _toy_arrays(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sample = lambda n: rng.normal(GAUSSIAN1D_MEAN, GAUSSIAN1D_STD, size=(n, 1)).astype(np.float32)
+    return {"x_train": sample(TOY_TRAIN), "y_train": np.zeros(TOY_TRAIN, np.int64),
+            "x_test": sample(TOY_TEST), "y_test": np.zeros(TOY_TEST, np.int64)}
+
+
+def summarize(arrays: dict[str, np.ndarray], num_classes: int) -> dict:
+    summary = {}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        scaled = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
+        summary[split] = {
+            "count": int(len(x)),
+            "pixel_mean": float(scaled.mean()),
+            "pixel_std": float(scaled.std()),
+            "class_histogram": np.bincount(y, minlength=num_classes).tolist(),
+        }
+    return summary
+
+
+def run(cfg: Config, dataset: str) -> dict:
+    spec = DATASETS[dataset]
+    arrays = _idx_arrays(dataset) if spec.kind == "idx" else _toy_arrays(cfg.train.seed)
+    paths = processed_paths(dataset)
+    paths["npz"].parent.mkdir(parents=True, exist_ok=True)
+    np.savez(paths["npz"], **arrays)
+    summary = {"dataset": dataset, "shape": list(spec.shape), "classes": list(spec.classes),
+               **summarize(arrays, max(len(spec.classes), 1))}
+    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    if spec.kind == "idx":
+        images = torch.from_numpy(arrays["x_train"][:GRID_IMAGES]).unsqueeze(1)
+        save_png(image_grid(to_unit_range(images), nrow=8), paths["png"])
+    else:
+        paths["png"].unlink(missing_ok=True)
+    print(f"preprocess@{dataset}: {summary['train']['count']} train / {summary['test']['count']} test "
+          f"-> {paths['npz']}")
+    return summary

@@ -1,0 +1,95 @@
+"""MLflow glue: where the store is, how runs are named and tagged, what they log.
+
+The default store is SQLite inside the project, ``sqlite:///<root>/mlruns/mlflow.db``
+(artifacts land beside it in mlruns/). ``mlflow.tracking_uri`` in params.yaml or the
+MLFLOW_TRACKING_URI environment variable point at a server instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Config, flatten
+
+TAG_STATUS = "ganpipe.status"            # completed | stopped_early | diverged | failed
+TAG_FAILURE = "ganpipe.failure_reason"
+
+
+def tracking_uri(cfg: Config, root: Path) -> str:
+    """params.yaml's tracking_uri, else MLFLOW_TRACKING_URI, else the project's SQLite store."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    (root / "mlruns").mkdir(exist_ok=True)
+    return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def experiment_name(cfg: Config, dataset: str) -> str:
+    return f"{cfg.mlflow.experiment_prefix}-{dataset}"
+
+
+def run_name(cfg: Config) -> str:
+    t = cfg.train
+    return f"{cfg.model.name}-{t.loss}-d{t.d_steps}g{t.g_steps}"
+
+
+def ensure_experiment(client: MlflowClient, name: str, root: Path) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:"):
+        location = (root / "mlruns").resolve().as_uri()  # artifacts beside the DB, not in cwd
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_state(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git.commit": commit or "unknown", "git.dirty": str(dirty).lower()}
+
+
+def start_run(cfg: Config, dataset: str, root: Path, *, stage: str, ray_run_name: str,
+              params_hash: str, parent_run_id: str | None = None, name: str | None = None,
+              extra_params: dict[str, Any] | None = None) -> tuple[MlflowClient, str]:
+    """Create the run (status RUNNING) with its tags and every param; returns (client, run_id)."""
+    client = MlflowClient(tracking_uri(cfg, root))
+    experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
+    tags = {**git_state(root), "dvc.stage": stage, "ray.run_name": ray_run_name,
+            "params.hash": params_hash, "dataset": dataset}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=name or run_name(cfg), tags=tags)
+    params = {**flatten(cfg), **(extra_params or {})}
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    return client, run.info.run_id
+
+
+def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, step) for key, value in values.items() if np.isfinite(value)]
+    for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start:start + 900])
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
+    """Record the outcome: FINISHED for completed / stopped_early, FAILED otherwise (with the reason)."""
+    client.set_tag(run_id, TAG_STATUS, status)
+    if reason:
+        client.set_tag(run_id, TAG_FAILURE, reason[:5000])
+    ok = status in ("completed", "stopped_early")
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))

@@ -1,0 +1,345 @@
+"""train@<dataset>: data-parallel GAN training on Ray Train, tracked in MLflow and DVC.
+
+Driver (``run``): creates the MLflow run, fits a ``TorchTrainer`` and turns the
+final checkpoint into the DVC outputs (models/, metrics/, plots/).
+
+Workers (``train_loop``): each holds only its shard of the data on its device,
+trains with the engine in ``gan/``, and every ``checkpoint_every`` epochs reports
+a checkpoint. Rank 0 evaluates quality and logs to MLflow. A killed worker makes
+Ray restart the group (``ray.max_failures``); it resumes from the last checkpoint
+and keeps logging into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from gan.data import DATASETS, DeviceBatches, shard
+from gan.engine import DivergedError, EngineConfig, GANTrainer
+from gan.images import density_plot, image_grid, save_png
+from gan.metrics import evaluate
+from gan.models import build_models
+from pipeline import tracking
+from pipeline.config import Config, params_hash, validate
+from pipeline.evaluator import load_reference, pick_device
+from pipeline.preprocess import load_processed, processed_paths
+
+# MLflow metric keys, grouped by prefix so the UI charts them together.
+STEP_METRICS = {"loss_d": "loss/d", "loss_g": "loss/g", "d_real": "d/real", "d_fake": "d/fake",
+                "d_acc": "d/acc", "grad_norm_d": "grad/d", "grad_norm_g": "grad/g"}
+QUALITY_METRICS = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall")
+TOY_QUALITY_METRICS = ("mean", "std", "wasserstein")
+STATUS_FILE = "status.json"
+
+
+def output_paths(dataset: str, root: Path) -> dict[str, Path]:
+    return {
+        "generator": root / "models" / dataset / "generator.pt",
+        "checkpoint": root / "models" / dataset / "checkpoint.pt",
+        "metrics": root / "metrics" / dataset / "train.json",
+        "losses": root / "plots" / dataset / "losses.csv",
+        "quality": root / "plots" / dataset / "quality.csv",
+        "samples": root / "plots" / dataset / "samples.png",
+    }
+
+
+def engine_config(cfg: Config, **overrides: Any) -> EngineConfig:
+    names = {f.name for f in fields(EngineConfig)}
+    values = {k: v for k, v in cfg.train.model_dump().items() if k in names}
+    return EngineConfig(**{**values, **overrides})
+
+
+def build_generator_and_discriminator(cfg: Config, dataset: str):
+    m = cfg.model
+    return build_models(m.name, shape=DATASETS[dataset].shape, latent_dim=m.latent_dim,
+                        hidden=tuple(m.hidden), channels=m.channels, dropout=m.dropout)
+
+
+def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def toy_quality(samples: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    from scipy.stats import wasserstein_distance
+
+    fake = samples.detach().double().flatten().cpu().numpy()
+    return {"mean": float(fake.mean()), "std": float(fake.std()),
+            "wasserstein": float(wasserstein_distance(fake, real.double().flatten().cpu().numpy()))}
+
+
+@dataclass
+class History:
+    """The curves DVC plots draw: rows per log read-back and per epoch."""
+
+    losses: list[dict] = field(default_factory=list)
+    quality: list[dict] = field(default_factory=list)
+
+    def save(self, folder: Path) -> None:
+        pd.DataFrame(self.losses).to_csv(folder / "losses.csv", index=False)
+        pd.DataFrame(self.quality).to_csv(folder / "quality.csv", index=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> "History":
+        read = lambda name: pd.read_csv(folder / name).to_dict("records") if (folder / name).stat().st_size > 1 else []
+        return cls(losses=read("losses.csv"), quality=read("quality.csv"))
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker (or in-process with num_workers=0)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = validate(loop_config["params"])
+    dataset, root = loop_config["dataset"], Path(loop_config["root"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
+
+    # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
+    torch.manual_seed(cfg.train.seed)
+    generator, discriminator = build_generator_and_discriminator(cfg, dataset)
+    if world > 1 and device.type == "cuda":
+        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+    # broadcast_buffers=False: D runs one forward on cat([real, fake]) per update and
+    # buffer broadcasts between forwards break BatchNorm under DDP (pytorch #175024).
+    ddp_kwargs = {"broadcast_buffers": False}
+    generator = ray.train.torch.prepare_model(generator, parallel_strategy_kwargs=ddp_kwargs)
+    discriminator = ray.train.torch.prepare_model(discriminator, parallel_strategy_kwargs=ddp_kwargs)
+
+    local_batch = cfg.train.batch_size // world
+    x_train = torch.from_numpy(load_processed(dataset, root)["x_train"])
+    batches = DeviceBatches(shard(x_train, rank, world).to(device), local_batch, seed=cfg.train.seed + rank)
+    trainer = GANTrainer(generator, discriminator, engine_config(cfg, **loop_config.get("engine_overrides", {})),
+                         device=device, seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers)
+
+    start_epoch, history = 1, History()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            folder = Path(folder)
+            state = torch.load(folder / f"rank{rank}.pt", weights_only=True, map_location=device)
+            trainer.load_state_dict(state["trainer"])
+            batches.load_state_dict(state["batches"])
+            start_epoch = state["epoch"] + 1
+            if rank == 0:
+                history = History.load(folder)
+                print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+
+    logger = _RankZeroLogger(loop_config, cfg, dataset, root, device) if rank == 0 else None
+    started = time.perf_counter()
+    status, reason, quality = "completed", "", {}
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        try:
+            result = trainer.train_epoch(batches)
+        except DivergedError as err:
+            status, reason = "diverged", str(err)
+        else:
+            if trainer.stopped_early:
+                status = "stopped_early"
+        metrics = {"epoch": epoch, "step": trainer.step, "status": status}
+        if status != "diverged":
+            metrics.update(result.metrics, images_per_sec=result.images_per_sec * world)
+            if logger:
+                quality = logger.epoch_end(trainer, result, epoch, history, world)
+            metrics.update(quality)
+        last = status != "completed" or epoch == cfg.train.epochs
+        if last or epoch % cfg.train.checkpoint_every == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                folder = Path(folder)
+                torch.save({"trainer": trainer.state_dict(), "batches": batches.state_dict(), "epoch": epoch},
+                           folder / f"rank{rank}.pt")
+                if logger:
+                    history.save(folder)
+                    logger.write_outputs(trainer, folder, {**metrics, "reason": reason,
+                                                           "wall_seconds": time.perf_counter() - started})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+        if last:
+            break
+
+
+class _RankZeroLogger:
+    """Everything only rank 0 does: quality evaluation, MLflow logging, output files."""
+
+    def __init__(self, loop_config: dict, cfg: Config, dataset: str, root: Path, device: torch.device):
+        from mlflow.tracking import MlflowClient
+
+        self.cfg, self.dataset, self.device = cfg, dataset, device
+        self.toy = DATASETS[dataset].kind == "toy"
+        self.client = MlflowClient(loop_config["tracking_uri"])
+        self.run_id = loop_config["mlflow_run_id"]
+        self.evaluator, self.reference = load_reference(dataset, root, device)
+        self.eval_samples = min(cfg.train.eval_samples, len(self.reference) if self.toy else 10**9)
+
+    def epoch_end(self, trainer: GANTrainer, result, epoch: int, history: History, world: int) -> dict:
+        for row in result.history:
+            values = {STEP_METRICS[k]: v for k, v in row.items() if k in STEP_METRICS}
+            tracking.log_metrics(self.client, self.run_id, values, step=row["step"])
+            history.losses.append({"epoch": epoch, **row})
+        if self.toy:
+            quality = toy_quality(trainer.sample(self.eval_samples), self.reference)
+        else:
+            quality = evaluate(trainer.sample, self.evaluator, self.reference, n=self.cfg.train.eval_samples,
+                               device=self.device)
+        quality = {k: float(v) for k, v in quality.items()}
+        speed = result.images_per_sec * world
+        tracking.log_metrics(self.client, self.run_id,
+                             {**{f"quality/{k}": v for k, v in quality.items()}, "speed/img_per_s": speed,
+                              "epoch": epoch}, step=epoch)
+        history.quality.append({"epoch": epoch, "step": trainer.step, **quality, "images_per_sec": speed})
+        picture = self.picture(trainer)
+        self.client.log_image(self.run_id, picture, key="samples", step=epoch)
+        headline = (f"fid {quality['fid']:.3f}" if not self.toy else
+                    f"mean {quality['mean']:.3f} std {quality['std']:.3f}")
+        print(f"epoch {epoch}/{self.cfg.train.epochs}  {speed:,.0f} img/s  loss_d {result.metrics['loss_d']:.4f}  "
+              f"loss_g {result.metrics['loss_g']:.4f}  {headline}", flush=True)
+        return quality
+
+    def picture(self, trainer: GANTrainer) -> np.ndarray:
+        if self.toy:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "density.png"
+                density_plot(self.reference.cpu().numpy(), trainer.sample(self.eval_samples).cpu().numpy(), path)
+                from PIL import Image
+
+                return np.asarray(Image.open(path).convert("RGB"))
+        return image_grid(trainer.sample(64, noise=trainer.fixed_noise), nrow=8)
+
+    def write_outputs(self, trainer: GANTrainer, folder: Path, status: dict) -> None:
+        raw_generator = getattr(trainer.generator, "module", trainer.generator)
+        torch.save({"state_dict": raw_generator.state_dict(), "model": self.cfg.model.model_dump(),
+                    "dataset": self.dataset}, folder / "generator.pt")
+        save_png(self.picture(trainer), folder / "samples.png")
+        (folder / STATUS_FILE).write_text(json.dumps(status, default=float))
+
+
+def resolve_use_gpu(setting: bool | str) -> bool:
+    return torch.cuda.is_available() if setting == "auto" else bool(setting)
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level="warning")
+
+
+def fit(cfg: Config, dataset: str, root: Path, *, mlflow_run_id: str, tracking_uri: str, ray_run_name: str,
+        callbacks: list | None = None, engine_overrides: dict | None = None):
+    """One TorchTrainer fit; returns the Ray Result (its checkpoint holds rank 0's outputs)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = resolve_use_gpu(cfg.ray.use_gpu)
+    loop_config = {"params": cfg.model_dump(mode="json"), "dataset": dataset, "root": str(root),
+                   "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "use_gpu": use_gpu,
+                   "engine_overrides": engine_overrides or {}}
+    storage = Path(cfg.ray.storage_path)
+    storage = storage if storage.is_absolute() or "://" in cfg.ray.storage_path else (root / storage).resolve()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=ray_run_name, storage_path=str(storage), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def read_status(result) -> dict:
+    if result.checkpoint is None:
+        return {"status": "failed", "reason": str(result.error or "no checkpoint was reported")}
+    with result.checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / STATUS_FILE).read_text())
+
+
+def run(cfg: Config, dataset: str, root: Path = Path(".")) -> dict:
+    root = root.resolve()
+    ray_run_name = f"train-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = tracking.tracking_uri(cfg, root)
+    client, run_id = tracking.start_run(cfg, dataset, root, stage=f"train@{dataset}", ray_run_name=ray_run_name,
+                                        params_hash=params_hash(root / "params.yaml"))
+    print(f"train@{dataset}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
+    try:
+        init_ray(cfg)
+        result = fit(cfg, dataset, root, mlflow_run_id=run_id, tracking_uri=uri, ray_run_name=ray_run_name)
+        status = read_status(result)
+        if status["status"] == "failed":
+            raise RuntimeError(status["reason"])
+        summary = _write_dvc_outputs(cfg, dataset, root, result, status, run_id)
+        _log_final_artifacts(client, run_id, cfg, dataset, root)
+    except BaseException as err:
+        tracking.end_run(client, run_id, "failed", f"{type(err).__name__}: {err}")
+        raise
+    tracking.end_run(client, run_id, status["status"], status.get("reason", ""))
+    if status["status"] == "diverged":
+        raise TrainingDiverged(f"run {run_id} diverged: {status['reason']}")
+    return summary
+
+
+class TrainingDiverged(RuntimeError):
+    """The run hit a NaN/inf loss; MLflow marks it FAILED with the reason."""
+
+
+def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: dict, run_id: str) -> dict:
+    paths = output_paths(dataset, root)
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        shutil.copy(folder / "generator.pt", paths["generator"])
+        shutil.copy(folder / "rank0.pt", paths["checkpoint"])
+        for name in ("losses", "quality", "samples"):
+            shutil.copy(folder / paths[name].name, paths[name])
+    keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall",
+            "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
+            "epoch", "step", "status")
+    summary = {k: status[k] for k in keys if k in status}
+    summary["mlflow_run_id"] = run_id
+    paths["metrics"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
+
+
+def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: Path) -> None:
+    """The checkpoint, the real-data reference picture and the generator as a registered model."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    paths = output_paths(dataset, root)
+    client.log_artifact(run_id, str(paths["checkpoint"]), artifact_path="checkpoint")
+    real_png = root / processed_paths(dataset)["png"]
+    if real_png.exists():
+        client.log_artifact(run_id, str(real_png), artifact_path="reference")
+    generator, _ = build_generator_and_discriminator(cfg, dataset)
+    generator.load_state_dict(torch.load(paths["generator"], weights_only=True)["state_dict"])
+    generator.eval()
+    noise = torch.randn(4, cfg.model.latent_dim)
+    with torch.no_grad():
+        signature = infer_signature(noise.numpy(), generator(noise).numpy())
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            generator, name="generator", input_example=noise.numpy(), signature=signature,
+            registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None,
+        )

@@ -1,0 +1,148 @@
+"""Shared fixtures: synthetic IDX datasets, a loopback HTTP mirror, a git+DVC repo.
+
+Nothing here needs the internet or data outside the repository.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+NUM_CLASSES = 10
+
+
+def class_patterns(size: int = 28) -> np.ndarray:
+    """Ten distinct uint8 patterns: a bright 8x8 block at a class-specific place."""
+    patterns = np.zeros((NUM_CLASSES, size, size), np.uint8)
+    for c in range(NUM_CLASSES):
+        row, col = 2 + (c // 5) * 14, 1 + (c % 5) * 5
+        patterns[c, row:row + 10, col:col + 6] = 255
+    return patterns
+
+
+def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n images of the class patterns with a little noise; labels cycle through classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % NUM_CLASSES
+    rng.shuffle(labels)
+    noise = rng.integers(0, 40, size=(n, 28, 28))
+    images = np.clip(class_patterns()[labels].astype(np.int64) - noise + noise[:, ::-1], 0, 255)
+    return images.astype(np.uint8), labels
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An uncompressed IDX file: magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def synthetic_idx_files(n_train: int = 300, n_test: int = 100) -> dict[str, bytes]:
+    """The four standard gz files of a small synthetic dataset."""
+    x_train, y_train = synthetic_split(n_train, seed=1)
+    x_test, y_test = synthetic_split(n_test, seed=2)
+    files = {
+        "train-images-idx3-ubyte.gz": x_train, "train-labels-idx1-ubyte.gz": y_train,
+        "t10k-images-idx3-ubyte.gz": x_test, "t10k-labels-idx1-ubyte.gz": y_test,
+    }
+    return {name: gzip.compress(idx_bytes(arr), mtime=0) for name, arr in files.items()}
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+@dataclass
+class Mirror:
+    """A loopback HTTP server for a dict of files, with scripted misbehaviour."""
+
+    files: dict[str, bytes]
+    url: str = ""
+    # name -> status codes to answer (in order) before serving the file
+    fail_first: dict[str, list[int]] = field(default_factory=dict)
+    # names whose body is cut in half while Content-Length promises all of it
+    truncate: set[str] = field(default_factory=set)
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def mirror():
+    state = Mirror(files=synthetic_idx_files())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            name = self.path.lstrip("/")
+            state.requests.append(name)
+            queued = state.fail_first.get(name)
+            if queued:
+                self.send_error(queued.pop(0))
+                return
+            if name not in state.files:
+                self.send_error(404)
+                return
+            body = state.files[name]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2] if name in state.truncate else body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_port}/"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def run_cmd(args: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a project command with the venv's tools first on PATH."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+           "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # tests use the repo's own store
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n"
+                             f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
+    return result
+
+
+def make_dvc_repo(path: Path, params: dict) -> Path:
+    """A git + DVC repository holding the project's pipeline with the given params."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_ROOT / "dvc.yaml", path / "dvc.yaml")
+    for package in ("gan", "pipeline"):  # dvc.yaml tracks these sources as deps
+        shutil.copytree(REPO_ROOT / package, path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / ".gitignore").write_text("mlruns/\nray_results/\n")
+    run_cmd(["git", "init", "-q", "-b", "main"], path)
+    run_cmd(["dvc", "init", "-q"], path)
+    run_cmd(["git", "add", "-A"], path)
+    run_cmd(["git", "commit", "-qm", "fixture"], path)
+    return path
+
+
+def project_params(**section_overrides) -> dict:
+    """The project's params.yaml with sections merged over, for fixture repos."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for section, values in section_overrides.items():
+        params[section] = {**params.get(section, {}), **values}
+    return params

@@ -1,0 +1,89 @@
+"""params.yaml validation: every bad value stops with one line naming key, value and what is allowed."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+from pipeline.config import (
+    ConfigError, DatasetName, LossName, ModelName, apply_overrides, flatten, load_config, read_params, validate,
+)
+
+
+def error_for(overrides: dict) -> str:
+    raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"), overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_project_params_are_valid():
+    cfg = load_config(REPO_ROOT / "params.yaml")
+    assert cfg.data.datasets == ["mnist", "fashion_mnist"]
+    assert cfg.model.name == "dcgan" and cfg.train.loss == "ns"
+    assert cfg.train.betas_g == (0.5, 0.999)
+    assert flatten(cfg)["train.lr_g"] == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("data.datasets", ["mnist", "cifar"],
+     "data.datasets.1 = 'cifar' is invalid: Input should be 'mnist', 'fashion_mnist' or 'gaussian1d'"),
+    ("model.name", "resnet",
+     "model.name = 'resnet' is invalid: Input should be 'mlp', 'dcgan', 'dcgan_upsample' or 'toy1d'"),
+    ("train.lr_g", -1e-3, "train.lr_g = -0.001 is invalid: Input should be greater than 0"),
+    ("train.d_steps", 0, "train.d_steps = 0 is invalid: Input should be greater than 0"),
+    ("train.loss", "wgan-gp", "train.loss = 'wgan-gp' is invalid: Input should be 'minimax', 'ns'"),
+    ("train.betas_d", [0.5, 1.5], "train.betas_d = [0.5, 1.5] is invalid: both betas must be in [0, 1)"),
+    ("train.label_smoothing", 1.0, "train.label_smoothing = 1.0 is invalid: Input should be less than 1"),
+    ("ray.use_gpu", "maybe", "ray.use_gpu = 'maybe' is invalid: Input should be 'auto', True or False"),
+    ("train.epochs", "ten", "train.epochs = 'ten' is invalid: Input should be a valid integer"),
+])
+def test_bad_values_name_key_value_and_allowed(key, value, expected):
+    assert expected in error_for({key: value})
+
+
+def test_mistyped_key_is_an_error_listing_allowed_keys():
+    message = error_for({"train.lr_gen": 1e-3})
+    assert message.startswith("params.yaml: unknown key 'train.lr_gen' (allowed here: epochs, batch_size")
+    assert "lr_g" in message
+    assert "unknown key 'trian'" in error_for({"trian": {}})
+
+
+def test_duplicate_dataset_and_toy_model_mismatch():
+    assert "each dataset may appear once" in error_for({"data.datasets": ["mnist", "mnist"]})
+    assert "toy1d only trains the gaussian1d dataset" in error_for({"model.name": "toy1d"})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_config_names_match_the_gan_registries():
+    from gan.data import DATASETS
+    from gan.losses import LOSSES
+    from gan.models import MODELS
+
+    assert set(typing.get_args(DatasetName)) == set(DATASETS)
+    assert set(typing.get_args(ModelName)) == set(MODELS)
+    assert set(typing.get_args(LossName)) == set(LOSSES)
+
+
+def test_cli_reports_config_error_in_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["train"]["d_steps"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--params", str(tmp_path / "params.yaml"), "fetch", "--dataset", "mnist"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "ganpipe fetch: error:" in err and "train.d_steps = 0 is invalid" in err
