@@ -1,0 +1,156 @@
+"""The train stage end to end: real `dvc repro`, real Ray (2 CPU workers), real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import torch
+import yaml
+
+from conftest import make_dvc_repo, project_params, run_cmd, VENV_BIN
+
+pytestmark = pytest.mark.integration
+
+
+def small_params(mirror_url: str, **train) -> dict:
+    """The project's params, shrunk to seconds per epoch on the synthetic fixture."""
+    return project_params(
+        data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
+        model={"name": "dcgan", "channels": 8, "latent_dim": 16},
+        train={"epochs": 2, "batch_size": 64, "eval_samples": 200, "log_every": 2, **train},
+        evaluator={"epochs": 1},
+        ray={"num_workers": 2, "use_gpu": False, "max_failures": 2},
+    )
+
+
+def mlflow_client(repo):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+
+
+def only_run(client, dataset="mnist"):
+    experiment = client.get_experiment_by_name(f"ganpipe-{dataset}")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
+    repo = make_dvc_repo(tmp_path / "repo", small_params(mirror.url))
+    result = run_cmd(["dvc", "repro", "train@mnist"], repo)
+    assert "epoch 2/2" in result.stdout + result.stderr  # rank 0's progress line reaches the console
+
+    # DVC outputs
+    summary = json.loads((repo / "metrics/mnist/train.json").read_text())
+    for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl", "loss_d", "loss_g",
+                "images_per_sec", "wall_seconds", "mlflow_run_id"):
+        assert key in summary, key
+    assert summary["status"] == "completed" and summary["epoch"] == 2
+    assert summary["fid"] > 0 and 0 <= summary["class_coverage"] <= 1 and summary["images_per_sec"] > 0
+    losses = pd.read_csv(repo / "plots/mnist/losses.csv")
+    assert {"step", "loss_d", "loss_g", "d_real", "d_fake"} <= set(losses.columns)
+    assert losses["step"].is_monotonic_increasing and np.isfinite(losses[["loss_d", "loss_g"]]).all().all()
+    quality = pd.read_csv(repo / "plots/mnist/quality.csv")
+    assert list(quality["epoch"]) == [1, 2] and (quality["fid"] > 0).all()
+    assert (repo / "plots/mnist/samples.png").read_bytes().startswith(b"\x89PNG")
+    checkpoint = torch.load(repo / "models/mnist/checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2
+
+    # MLflow: params, curves, images, registered model
+    client = mlflow_client(repo)
+    run = only_run(client)
+    assert run.info.run_id == summary["mlflow_run_id"]
+    assert run.info.status == "FINISHED" and run.info.run_name == "dcgan-ns-d1g1"
+    assert run.data.params["train.lr_g"] == "0.0002" and run.data.params["model.channels"] == "8"
+    for tag in ("git.commit", "git.dirty", "dvc.stage", "ray.run_name", "params.hash"):
+        assert tag in run.data.tags, tag
+    assert run.data.tags["dvc.stage"] == "train@mnist"
+    loss_history = client.get_metric_history(run.info.run_id, "loss/d")
+    assert len(loss_history) == len(losses) >= 2
+    fid_history = client.get_metric_history(run.info.run_id, "quality/fid")
+    assert sorted(m.step for m in fid_history) == [1, 2]
+    assert pytest.approx(fid_history[-1].value, rel=1e-6) == summary["fid"]
+    assert client.get_metric_history(run.info.run_id, "speed/img_per_s")
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert {"checkpoint", "reference", "images"} <= set(artifacts)
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert sum("samples" in path for path in images) >= 2  # one grid per epoch
+
+    import mlflow.pytorch
+
+    version = client.get_latest_versions("ganpipe-mnist-generator")[0]
+    model = mlflow.pytorch.load_model(f"models:/ganpipe-mnist-generator/{version.version}")
+    out = model(torch.randn(4, 16))
+    assert tuple(out.shape) == (4, 1, 28, 28)
+    assert out.min() >= -1 and out.max() <= 1
+
+    # ganpipe sample from the DVC output and from the MLflow run
+    run_cmd(["ganpipe", "sample", "--dataset", "mnist", "-n", "16", "-o", "grid.png"], repo)
+    from PIL import Image
+
+    grid = Image.open(repo / "grid.png")
+    assert grid.size == (4 * 28 + 5 * 2, 4 * 28 + 5 * 2)
+
+    # dvc exp run -S changes one knob and shows up in dvc exp show
+    run_cmd(["git", "add", "-A"], repo)
+    run_cmd(["git", "commit", "-qm", "baseline"], repo)
+    run_cmd(["dvc", "exp", "run", "-S", "train.lr_g=0.001", "-S", "train.epochs=1"], repo)
+    shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], repo).stdout)
+    experiments = [exp for entry in shown for exp in (entry.get("experiments") or [])]
+    lrs = [rev["data"]["params"]["params.yaml"]["data"]["train"]["lr_g"]
+           for exp in experiments for rev in exp["revs"]]
+    assert 0.001 in lrs
+
+
+def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(mirror, tmp_path):
+    repo = make_dvc_repo(tmp_path / "repo", small_params(mirror.url, epochs=5, eval_samples=1000))
+    run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
+    env_path = f"{VENV_BIN}:{subprocess.os.environ['PATH']}"
+    process = subprocess.Popen(["ganpipe", "train", "--dataset", "mnist"], cwd=repo, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**subprocess.os.environ, "PATH": env_path})
+    try:
+        deadline = time.time() + 300
+        while not list((repo / "ray_results").glob("*/checkpoint_*")):
+            assert process.poll() is None and time.time() < deadline, "training ended before a checkpoint"
+            time.sleep(0.2)
+        workers = [p for p in psutil.process_iter(["cmdline"])
+                   if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        assert len(workers) == 2
+        workers[-1].send_signal(signal.SIGKILL)
+        output, _ = process.communicate(timeout=600)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert "resumed from the checkpoint of epoch" in output
+
+    run = only_run(mlflow_client(repo))  # continued, not forked into a second run
+    assert run.info.status == "FINISHED"
+    fid_steps = {m.step for m in mlflow_client(repo).get_metric_history(run.info.run_id, "quality/fid")}
+    assert fid_steps == {1, 2, 3, 4, 5}
+    summary = json.loads((repo / "metrics/mnist/train.json").read_text())
+    assert summary["epoch"] == 5 and summary["status"] == "completed"
+
+
+def test_diverged_run_is_marked_failed_with_reason(mirror, tmp_path):
+    params = small_params(mirror.url, optimizer="sgd", lr_d=1e30, lr_g=1e30, epochs=2)
+    params["model"]["name"] = "mlp"
+    params["model"]["hidden"] = [32, 64]
+    params["ray"]["num_workers"] = 1
+    repo = make_dvc_repo(tmp_path / "repo", params)
+    run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
+    result = run_cmd(["ganpipe", "train", "--dataset", "mnist"], repo, check=False)
+    assert result.returncode == 1
+    assert "diverged" in result.stderr and "Traceback" not in result.stderr
+    run = only_run(mlflow_client(repo))
+    assert run.info.status == "FAILED"
+    assert run.data.tags["ganpipe.status"] == "diverged"
+    assert "step" in run.data.tags["ganpipe.failure_reason"]
