@@ -68,8 +68,8 @@ def run(cfg: Config, dataset: str) -> dict:
     )
     save_evaluator(net, paths["model"], meta={"dataset": dataset, **scores})
     n = min(REFERENCE_SAMPLES, len(arrays["x_test"]), len(arrays["x_train"]))
-    references = reference_scores(net, torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["x_test"]),
-                                  torch.from_numpy(arrays["y_test"]), n=n, device=device)
+    references = reference_scores(net, arrays["x_train"], arrays["x_test"], arrays["y_test"], n=n, device=device,
+                                  real_train_labels=arrays["y_train"])
     report = {"dataset": dataset, **scores, "train_seconds": round(time.perf_counter() - started, 1),
               "reference_samples": n, **{name: _rounded(values) for name, values in references.items()}}
     paths["metrics"].write_text(json.dumps(report, indent=2) + "\n")

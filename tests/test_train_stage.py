@@ -31,9 +31,13 @@ def small_params(mirror_url: str, **train) -> dict:
 
 
 def mlflow_client(repo):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def only_run(client, dataset="mnist"):
@@ -86,7 +90,8 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
 
     import mlflow.pytorch
 
-    version = client.get_latest_versions("ganpipe-mnist-generator")[0]
+    (version,) = client.search_model_versions("name='ganpipe-mnist-generator'")
+    assert version.run_id == run.info.run_id
     model = mlflow.pytorch.load_model(f"models:/ganpipe-mnist-generator/{version.version}")
     out = model(torch.randn(4, 16))
     assert tuple(out.shape) == (4, 1, 28, 28)
