@@ -142,6 +142,8 @@ def train_loop(loop_config: dict) -> None:
                 print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
     logger = _RankZeroLogger(loop_config, cfg, dataset, root, device) if rank == 0 else None
+    if logger and start_epoch > 1:
+        logger.client.set_tag(logger.run_id, "ganpipe.resumed_from_epoch", str(start_epoch - 1))
     started = time.perf_counter()
     status, reason, quality = "completed", "", {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -235,11 +237,15 @@ def resolve_use_gpu(setting: bool | str) -> bool:
 
 
 def init_ray(cfg: Config) -> None:
+    """Start or join Ray with its console noise down: warnings, and each print once."""
+    import os
+
     import ray
 
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # the patch logs every print a second time
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level="warning")
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(address=cfg.ray.address, logging_level="warning")
 
 
 def fit(cfg: Config, dataset: str, root: Path, *, mlflow_run_id: str, tracking_uri: str, ray_run_name: str,

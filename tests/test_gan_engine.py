@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import class_patterns, synthetic_split
 from gan.data import DeviceBatches, sample_gaussian1d, to_unit_range
@@ -213,6 +215,31 @@ def test_uniform_noise_lies_in_unit_interval():
     assert uniform.min() < -0.99 and uniform.max() > 0.99
     assert make_trainer(noise="gaussian").noise(4000).abs().max() > 2
 
+
+
+@pytest.mark.filterwarnings("ignore:Grad strides do not match")  # wgan_gp's double backward: perf only
+@pytest.mark.parametrize("loss", ["ns", "wgan_gp"])
+def test_trains_ddp_wrapped_modules(tmp_path, loss):
+    """One-process gloo DDP: each wrapper gets one forward per backward, raw modules everywhere else."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        generator, discriminator = build_models("dcgan", dropout=0.1, **SMALL)  # BatchNorm in both
+        reduced = []
+
+        def all_reduce_mean(metrics: torch.Tensor) -> torch.Tensor:
+            reduced.append(metrics.shape)
+            dist.all_reduce(metrics)
+            return metrics / dist.get_world_size()
+
+        trainer = GANTrainer(DDP(generator), DDP(discriminator), EngineConfig(loss=loss, d_steps=2, log_every=2),
+                             device="cpu", metric_reducer=all_reduce_mean)
+        result = trainer.train_epoch(image_batches(8))
+        assert result.steps == 4 and all(math.isfinite(v) for v in result.metrics.values())
+        assert reduced == [(len(METRICS),)] * 3  # two windows and the epoch means
+        assert not any(key.startswith("module.") for key in trainer.state_dict()["generator"])
+    finally:
+        dist.destroy_process_group()
 
 class IndifferentCritic(nn.Module):
     """Always logit 0, D = 0.5: the generator has fooled it perfectly."""
