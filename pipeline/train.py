@@ -133,7 +133,7 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             folder = Path(folder)
-            state = torch.load(folder / f"rank{rank}.pt", weights_only=True, map_location=device)
+            state = torch.load(folder / f"rank{rank}.pt", weights_only=True, map_location="cpu")
             trainer.load_state_dict(state["trainer"])
             batches.load_state_dict(state["batches"])
             start_epoch = state["epoch"] + 1
