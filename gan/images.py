@@ -39,16 +39,19 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def density_plot(real: np.ndarray, generated: np.ndarray, path: str | Path,
+def density_plot(real: np.ndarray, generated: np.ndarray | None, path: str | Path,
                  decision: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """Histograms of real and generated 1-D samples; ``decision`` = (xs, D(xs) as probabilities) adds D's curve."""
-    real, generated = np.ravel(real), np.ravel(generated)
+    """Histograms of real and generated 1-D samples (real alone when ``generated`` is None);
+    ``decision`` = (xs, D(xs) as probabilities) adds D's curve."""
+    real = np.ravel(real)
+    generated = np.ravel(generated) if generated is not None else real[:0]
     figure = Figure(figsize=(6, 4), dpi=100)
     axes = figure.add_subplot()
-    low, high = min(real.min(), generated.min()), max(real.max(), generated.max())
-    bins = np.linspace(low, high, 60)
+    both = np.concatenate([real, generated])
+    bins = np.linspace(both.min(), both.max(), 60)
     axes.hist(real, bins=bins, density=True, alpha=0.5, label="real")
-    axes.hist(generated, bins=bins, density=True, alpha=0.5, label="generated")
+    if len(generated):
+        axes.hist(generated, bins=bins, density=True, alpha=0.5, label="generated")
     if decision is not None:
         axes.plot(*decision, color="black", label="D(x)")
     axes.set_xlabel("x")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gan.data import DATASETS, GAUSSIAN1D_MEAN, GAUSSIAN1D_STD, idx_file_name, load_idx_split, to_unit_range
-from gan.images import image_grid, save_png
+from gan.images import density_plot, image_grid, save_png
 from pipeline.config import Config
 from pipeline.fetch import raw_dir
 
@@ -75,7 +75,7 @@ def run(cfg: Config, dataset: str) -> dict:
         images = torch.from_numpy(arrays["x_train"][:GRID_IMAGES]).unsqueeze(1)
         save_png(image_grid(to_unit_range(images), nrow=8), paths["png"])
     else:
-        paths["png"].unlink(missing_ok=True)
+        density_plot(arrays["x_train"], None, paths["png"])
     print(f"preprocess@{dataset}: {summary['train']['count']} train / {summary['test']['count']} test "
           f"-> {paths['npz']}")
     return summary

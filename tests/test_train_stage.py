@@ -160,3 +160,25 @@ def test_diverged_run_is_marked_failed_with_reason(mirror, tmp_path):
     assert run.info.status == "FAILED"
     assert run.data.tags["ganpipe.status"] == "diverged"
     assert "step" in run.data.tags["ganpipe.failure_reason"]
+
+
+def test_gaussian1d_pipeline_learns_the_distribution(tmp_path):
+    """The 1-D demo through the whole pipeline: nothing to fetch, and the GAN must really learn N(4, 0.5)."""
+    params = project_params(
+        data={"datasets": ["gaussian1d"]},
+        model={"name": "toy1d", "latent_dim": 4, "hidden": [32, 32]},
+        train={"epochs": 3, "batch_size": 128, "lr_g": 1e-3, "lr_d": 1e-3, "eval_samples": 5000, "log_every": 200},
+        ray={"num_workers": 1, "use_gpu": False},
+    )
+    repo = make_dvc_repo(tmp_path / "repo", params)
+    run_cmd(["dvc", "repro", "train@gaussian1d"], repo)
+    summary = json.loads((repo / "metrics/gaussian1d/train.json").read_text())
+    assert abs(summary["mean"] - 4.0) < 0.3 and abs(summary["std"] - 0.5) < 0.25, summary
+    assert summary["wasserstein"] < 0.3
+    quality = pd.read_csv(repo / "plots/gaussian1d/quality.csv")
+    assert list(quality["epoch"]) == [1, 2, 3]
+    client = mlflow_client(repo)
+    run = only_run(client, "gaussian1d")
+    densities = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert sum("samples" in path for path in densities) >= 3  # the density plot, once per epoch
+    assert (repo / "data/processed/gaussian1d_real.png").read_bytes().startswith(b"\x89PNG")
