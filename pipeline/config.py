@@ -91,7 +91,7 @@ class TrainConfig(Section):
 class EvaluatorConfig(Section):
     epochs: PositiveInt = 4
     batch_size: PositiveInt = 256
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     seed: int = 0
 
 

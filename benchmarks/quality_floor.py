@@ -1,0 +1,78 @@
+"""Calibrate the quality yardstick on the 10k real MNIST test images.
+
+Splits them 8k/2k (seeded), trains an evaluator on the 8k, reports its accuracy
+on the 2k, then scores three stand-in generators against the 2k with
+``gan.metrics.reference_scores``: replayed real train images (the floor), uniform
+noise and single-class replay (ceilings). Prints a markdown table.
+
+    python benchmarks/quality_floor.py [--data DIR] [--n 2000] [--epochs 10] [--device cpu] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gan.data import idx_file_name, load_idx_split
+from gan.metrics import reference_scores, train_evaluator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "mnist-t10k"
+LABELS = {"real_vs_real": "real train vs test (floor)", "noise": "uniform noise (ceiling)",
+          "single_class": "class 0 only (ceiling)"}
+
+
+def markdown_table(scores: dict[str, dict[str, float]]) -> str:
+    lines = ["| stand-in generator | FID | KID | IS | coverage | class KL | precision | recall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in scores.items():
+        lines.append(
+            f"| {LABELS[name]} | {s['fid']:.2f} | {s['kid']:.4f} ± {s['kid_std']:.4f} "
+            f"| {s['inception_score']:.2f} ± {s['inception_score_std']:.2f} | {s['class_coverage']:.2f} "
+            f"| {s['class_kl']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    parser.add_argument("--train-size", type=int, default=8000)
+    parser.add_argument("--n", type=int, default=2000, help="samples per stand-in generator")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    images, labels = load_idx_split(args.data / idx_file_name("test_images"),
+                                    args.data / idx_file_name("test_labels"))
+    order = np.random.default_rng(args.seed).permutation(len(images))
+    train, test = order[:args.train_size], order[args.train_size:]
+
+    print(f"evaluator: {len(train)} train / {len(test)} held-out images, {args.epochs} epochs, "
+          f"batch {args.batch_size}, device {args.device} ({torch.get_num_threads()} CPU threads)")
+    net, stats = train_evaluator(
+        images[train], labels[train], images[test], labels[test], epochs=args.epochs,
+        batch_size=args.batch_size, seed=args.seed, device=args.device,
+        progress=lambda epoch, s: print(f"  epoch {epoch}: loss {s['loss']:.4f}, "
+                                        f"held-out accuracy {s['test_accuracy']:.2%}", flush=True))
+    print(f"trained in {stats['train_seconds']:.1f}s: held-out accuracy {stats['test_accuracy']:.2%}, "
+          f"train accuracy {stats['train_accuracy']:.2%}\n")
+
+    start = time.perf_counter()
+    scores = reference_scores(net, images[train], images[test], labels[test], n=args.n, device=args.device,
+                              real_train_labels=labels[train], seed=args.seed)
+    print(markdown_table(scores))
+    print(f"\nreference_scores (3 x evaluate, n={args.n}): {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
