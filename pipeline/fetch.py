@@ -112,9 +112,9 @@ def fetch_file(
         errors.append(f"  - {mirror}: {last}")
     raise FetchError(
         f"could not fetch {name}; every mirror failed:\n" + "\n".join(errors) +
-        f"\nTo use a local copy, put the .gz files in a directory and list it first in "
-        f"params.yaml data.mirrors (a path or a file:// URL), e.g. "
-        f"dvc exp run -S 'data.mirrors.<dataset>=[/path/to/files]'"
+        "\nTo use a local copy, put the .gz files in a directory and list it first in "
+        "params.yaml data.mirrors (a path or a file:// URL), e.g. "
+        "dvc exp run -S 'data.mirrors.<dataset>=[/path/to/files]'"
     )
 
 

@@ -16,7 +16,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from gan.metrics import evaluate
 from gan.models import build_models
 from pipeline import tracking
 from pipeline.config import Config, params_hash, validate
-from pipeline.evaluator import load_reference, pick_device
+from pipeline.evaluator import load_reference
 from pipeline.preprocess import load_processed, processed_paths
 
 # MLflow metric keys, grouped by prefix so the UI charts them together.
@@ -95,8 +95,12 @@ class History:
 
     @classmethod
     def load(cls, folder: Path) -> "History":
-        read = lambda name: pd.read_csv(folder / name).to_dict("records") if (folder / name).stat().st_size > 1 else []
-        return cls(losses=read("losses.csv"), quality=read("quality.csv"))
+        return cls(losses=_rows(folder / "losses.csv"), quality=_rows(folder / "quality.csv"))
+
+
+def _rows(csv: Path) -> list[dict]:
+    """A CSV's rows; a run that diverged in its first epoch leaves an empty file."""
+    return pd.read_csv(csv).to_dict("records") if csv.stat().st_size > 1 else []
 
 
 def train_loop(loop_config: dict) -> None:
@@ -188,7 +192,7 @@ class _RankZeroLogger:
         self.client = MlflowClient(loop_config["tracking_uri"])
         self.run_id = loop_config["mlflow_run_id"]
         self.evaluator, self.reference = load_reference(dataset, root, device)
-        self.eval_samples = min(cfg.train.eval_samples, len(self.reference) if self.toy else 10**9)
+        self.eval_samples = cfg.train.eval_samples
 
     def epoch_end(self, trainer: GANTrainer, result, epoch: int, history: History, world: int) -> dict:
         for row in result.history:

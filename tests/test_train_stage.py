@@ -12,7 +12,6 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-import yaml
 
 from conftest import make_dvc_repo, project_params, run_cmd, VENV_BIN
 
