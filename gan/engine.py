@@ -412,6 +412,7 @@ class GANTrainer:
             optimizer.load_state_dict(_with_capturable(state[key], self.use_graph))
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
+        self._apply_configured_lrs()
         counters = state["counters"]
         self.step, self.d_updates, self.g_updates = counters["step"], counters["d_updates"], counters["g_updates"]
         self._calm_checks, self.stopped_early = counters["calm_checks"], counters["stopped_early"]
@@ -428,6 +429,19 @@ class GANTrainer:
             warnings.warn(f"checkpoint saved on {state['device_type']}, loaded on {self.device.type}: "
                           "random number states not restored, so the resumed run is not bit-exact")
         self._graph = None  # the optimizers hold new state tensors: capture again
+
+    def _apply_configured_lrs(self) -> None:
+        """This trainer's lr_g / lr_d win over a loaded checkpoint's, at the same point of the decay.
+
+        A plain resume has the same config, so nothing changes; a population-based
+        sweep loads another trial's weights under newly explored learning rates.
+        """
+        for optimizer, scheduler, lr in ((self.opt_g, self.sched_g, self.config.lr_g),
+                                         (self.opt_d, self.sched_d, self.config.lr_d)):
+            decayed = lr * self.config.lr_decay_gamma ** (scheduler.last_epoch // self.config.lr_decay_every)
+            scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+            for group in optimizer.param_groups:
+                group["initial_lr"], group["lr"] = lr, decayed
 
     def save_checkpoint(self, path: str | Path, *, batches=None) -> None:
         """torch.save of ``state_dict()``, plus ``batches.state_dict()`` (e.g. a DeviceBatches) if given."""

@@ -50,6 +50,12 @@ def _tool(name: str):
     return command
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from pipeline import sweep
+
+    sweep.run(load_config(args.params))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ganpipe", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
@@ -63,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--dataset", required=True)
         sub.set_defaults(func=_stage(name))
+
+    sweep = commands.add_parser("sweep", help="Ray Tune over params.yaml's sweep.space, logged to MLflow")
+    sweep.set_defaults(func=_sweep)
 
     for name, help_text in [("sample", "write a PNG grid of generated images"),
                             ("evaluate", "print a generator's quality metrics next to the floor")]:

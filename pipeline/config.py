@@ -109,6 +109,55 @@ class MlflowConfig(Section):
     register_model: bool = True
 
 
+# Quality metrics a sweep can optimize, and whether lower or higher is better.
+METRIC_MODES = {"fid": "min", "kid": "min", "class_kl": "min", "inception_score": "max",
+                "class_coverage": "max", "precision": "max", "recall": "max"}
+SweepableKey = Literal["lr_g", "lr_d", "d_steps", "g_steps", "loss", "label_smoothing", "batch_size"]
+DISTRIBUTIONS = ("choice", "loguniform", "uniform")
+
+
+class SweepConfig(Section):
+    dataset: DatasetName = "mnist"
+    # Each entry: a list (every value, a grid) or one of {choice: [...]},
+    # {loguniform: [low, high]}, {uniform: [low, high]}.
+    space: dict[SweepableKey, Any] = Field(min_length=1)
+    num_samples: PositiveInt = 1
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
+    metric: Literal[tuple(METRIC_MODES)] = "fid"
+    epochs: PositiveInt = 5
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(2.0, gt=1)
+    perturbation_interval: PositiveInt = 1
+    num_workers: PositiveInt = 1
+    max_concurrent_trials: PositiveInt = 2
+    seed: int = 0
+
+    @property
+    def mode(self) -> str:
+        return METRIC_MODES[self.metric]
+
+    def candidate_values(self) -> dict[str, list]:
+        """Every concrete value (or bound) the space can produce, per key; raises if one cannot be sampled."""
+        out = {}
+        for key, spec in self.space.items():
+            where = f"sweep.space.{key}"
+            if isinstance(spec, list):
+                if not spec:
+                    raise ValueError(f"{where}: an empty list cannot be sampled")
+                out[key] = spec
+                continue
+            if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+                raise ValueError(f"{where}: expected a list or one of {{{', '.join(DISTRIBUTIONS)}: ...}}, "
+                                 f"got {spec!r}")
+            kind, args = next(iter(spec.items()))
+            if kind == "choice" and not (isinstance(args, list) and args):
+                raise ValueError(f"{where}.choice: needs a non-empty list, got {args!r}")
+            if kind != "choice" and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
+                raise ValueError(f"{where}.{kind}: needs [low, high] with low < high, got {args!r}")
+            out[key] = args
+        return out
+
+
 class Config(Section):
     data: DataConfig
     model: ModelConfig = ModelConfig()
@@ -116,6 +165,7 @@ class Config(Section):
     evaluator: EvaluatorConfig = EvaluatorConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    sweep: Optional[SweepConfig] = None
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> "Config":
@@ -124,10 +174,24 @@ class Config(Section):
             raise ValueError("model.name toy1d only trains the gaussian1d dataset")
         return self
 
+    @model_validator(mode="after")
+    def _sweep_values_are_valid_train_values(self) -> "Config":
+        if self.sweep is None:
+            return self
+        base = self.train.model_dump()
+        for key, values in self.sweep.candidate_values().items():
+            for value in values:
+                try:
+                    TrainConfig.model_validate({**base, key: value})
+                except ValidationError as err:
+                    reason = err.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"sweep.space.{key}: {value!r} is not a valid train.{key}: {reason}") from None
+        return self
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"]) or "<top level>"
+    loc = ".".join(str(part) for part in first["loc"] if part != "[key]") or "<top level>"
     if first["type"] == "extra_forbidden":
         section = _section_model(first["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else "?"
@@ -136,7 +200,9 @@ def _format_error(err: ValidationError, source: str) -> str:
         return f"{source}: missing key '{loc}'"
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    if loc == "<top level>" or isinstance(value, dict):
+    if loc == "<top level>":
+        return f"{source}: {msg}"
+    if isinstance(value, dict):
         return f"{source}: {loc}: {msg}"
     return f"{source}: {loc} = {value!r} is invalid: {msg}"
 

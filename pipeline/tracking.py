@@ -11,7 +11,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -65,17 +64,17 @@ def git_state(root: Path) -> dict[str, str]:
 
 def start_run(cfg: Config, dataset: str, root: Path, *, stage: str, ray_run_name: str,
               params_hash: str, parent_run_id: str | None = None, name: str | None = None,
-              extra_params: dict[str, Any] | None = None) -> tuple[MlflowClient, str]:
+              extra_tags: dict[str, str] | None = None) -> tuple[MlflowClient, str]:
     """Create the run (status RUNNING) with its tags and every param; returns (client, run_id)."""
     client = MlflowClient(tracking_uri(cfg, root))
     experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
     tags = {**git_state(root), "dvc.stage": stage, "ray.run_name": ray_run_name,
-            "params.hash": params_hash, "dataset": dataset}
+            "params.hash": params_hash, "dataset": dataset, **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=name or run_name(cfg), tags=tags)
-    params = {**flatten(cfg), **(extra_params or {})}
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_batch(run.info.run_id,
+                     params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()])
     return client, run.info.run_id
 
 

@@ -31,7 +31,7 @@ from gan.images import density_plot, image_grid, save_png
 from gan.metrics import evaluate
 from gan.models import build_models
 from pipeline import tracking
-from pipeline.config import Config, params_hash, validate
+from pipeline.config import Config, ConfigError, params_hash, validate
 from pipeline.evaluator import load_reference
 from pipeline.preprocess import load_processed, processed_paths
 
@@ -103,37 +103,55 @@ def _rows(csv: Path) -> list[dict]:
     return pd.read_csv(csv).to_dict("records") if csv.stat().st_size > 1 else []
 
 
-def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker (or in-process with num_workers=0)."""
-    import ray.train
-    import ray.train.torch
+class RayTrainSession:
+    """A Ray Train worker's view: its rank, device, DDP wrapping, reports and checkpoints."""
 
+    def __init__(self, use_gpu: bool):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world > 1 and self.device.type == "cuda":
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        # broadcast_buffers=False: D runs one forward on cat([real, fake]) per update and
+        # buffer broadcasts between forwards break BatchNorm under DDP (pytorch #175024).
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, folder: Path | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+
+def train_loop(loop_config: dict, session=None) -> None:
+    """Runs on every Ray Train worker, or in a Tune trial with a single-process session."""
+    session = session or RayTrainSession(loop_config["use_gpu"])
     cfg = validate(loop_config["params"])
     dataset, root = loop_config["dataset"], Path(loop_config["root"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
+    rank, world, device = session.rank, session.world, session.device
 
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
     torch.manual_seed(cfg.train.seed)
-    generator, discriminator = build_generator_and_discriminator(cfg, dataset)
-    if world > 1 and device.type == "cuda":
-        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-    # broadcast_buffers=False: D runs one forward on cat([real, fake]) per update and
-    # buffer broadcasts between forwards break BatchNorm under DDP (pytorch #175024).
-    ddp_kwargs = {"broadcast_buffers": False}
-    generator = ray.train.torch.prepare_model(generator, parallel_strategy_kwargs=ddp_kwargs)
-    discriminator = ray.train.torch.prepare_model(discriminator, parallel_strategy_kwargs=ddp_kwargs)
-
-    local_batch = cfg.train.batch_size // world
+    generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg, dataset))
     x_train = torch.from_numpy(load_processed(dataset, root)["x_train"])
-    batches = DeviceBatches(shard(x_train, rank, world).to(device), local_batch, seed=cfg.train.seed + rank)
-    trainer = GANTrainer(generator, discriminator, engine_config(cfg, **loop_config.get("engine_overrides", {})),
-                         device=device, seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers)
+    batches = DeviceBatches(shard(x_train, rank, world).to(device), cfg.train.batch_size // world,
+                            seed=cfg.train.seed + rank)
+    trainer = GANTrainer(generator, discriminator, engine_config(cfg), device=device,
+                         seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers)
 
     start_epoch, history = 1, History()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             folder = Path(folder)
@@ -159,7 +177,9 @@ def train_loop(loop_config: dict) -> None:
             if trainer.stopped_early:
                 status = "stopped_early"
         metrics = {"epoch": epoch, "step": trainer.step, "status": status}
-        if status != "diverged":
+        if status == "diverged":
+            metrics.update(loop_config.get("diverged_metrics", {}))  # e.g. fid=inf, so schedulers rank it last
+        else:
             metrics.update(result.metrics, images_per_sec=result.images_per_sec * world)
             if logger:
                 quality = logger.epoch_end(trainer, result, epoch, history, world)
@@ -174,9 +194,9 @@ def train_loop(loop_config: dict) -> None:
                     history.save(folder)
                     logger.write_outputs(trainer, folder, {**metrics, "reason": reason,
                                                            "wall_seconds": time.perf_counter() - started})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                session.report(metrics, folder)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
         if last:
             break
 
@@ -206,9 +226,12 @@ class _RankZeroLogger:
                                device=self.device)
         quality = {k: float(v) for k, v in quality.items()}
         speed = result.images_per_sec * world
+        # What the engine really runs with: the optimizers' current lrs and exact update counts.
+        engine_state = {"opt/lr_g": trainer.opt_g.param_groups[0]["lr"], "opt/lr_d": trainer.opt_d.param_groups[0]["lr"],
+                        "opt/d_updates": trainer.d_updates, "opt/g_updates": trainer.g_updates}
         tracking.log_metrics(self.client, self.run_id,
                              {**{f"quality/{k}": v for k, v in quality.items()}, "speed/img_per_s": speed,
-                              "epoch": epoch}, step=epoch)
+                              "epoch": epoch, **engine_state}, step=epoch)
         history.quality.append({"epoch": epoch, "step": trainer.step, **quality, "images_per_sec": speed})
         picture = self.picture(trainer)
         self.client.log_image(self.run_id, picture, key="samples", step=epoch)
@@ -252,24 +275,41 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.ray.address, logging_level="warning")
 
 
+def make_loop_config(cfg: Config, dataset: str, root: Path, *, mlflow_run_id: str, tracking_uri: str,
+                     use_gpu: bool, diverged_metrics: dict | None = None) -> dict:
+    """What every worker needs: plain data, since Ray pickles it to each process."""
+    return {"params": cfg.model_dump(mode="json"), "dataset": dataset, "root": str(root),
+            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "use_gpu": use_gpu,
+            "diverged_metrics": diverged_metrics or {}}
+
+
+def storage_path(cfg: Config, root: Path) -> str:
+    """ray.storage_path made absolute (Ray workers chdir); URIs such as s3:// stay as they are."""
+    if "://" in cfg.ray.storage_path:
+        return cfg.ray.storage_path
+    path = Path(cfg.ray.storage_path)
+    return str(path if path.is_absolute() else (root / path).resolve())
+
+
 def fit(cfg: Config, dataset: str, root: Path, *, mlflow_run_id: str, tracking_uri: str, ray_run_name: str,
-        callbacks: list | None = None, engine_overrides: dict | None = None):
+        callbacks: list | None = None, diverged_metrics: dict | None = None):
     """One TorchTrainer fit; returns the Ray Result (its checkpoint holds rank 0's outputs)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     use_gpu = resolve_use_gpu(cfg.ray.use_gpu)
-    loop_config = {"params": cfg.model_dump(mode="json"), "dataset": dataset, "root": str(root),
-                   "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "use_gpu": use_gpu,
-                   "engine_overrides": engine_overrides or {}}
-    storage = Path(cfg.ray.storage_path)
-    storage = storage if storage.is_absolute() or "://" in cfg.ray.storage_path else (root / storage).resolve()
+    if use_gpu and cfg.ray.address is None and cfg.ray.num_workers > torch.cuda.device_count():
+        # Ray would wait forever for GPUs this machine does not have (one whole GPU per DDP worker).
+        raise ConfigError(f"params.yaml: ray.num_workers = {cfg.ray.num_workers} needs as many GPUs, and this "
+                          f"machine has {torch.cuda.device_count()}: set ray.num_workers to at most that")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=make_loop_config(cfg, dataset, root, mlflow_run_id=mlflow_run_id,
+                                           tracking_uri=tracking_uri, use_gpu=use_gpu,
+                                           diverged_metrics=diverged_metrics),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name=ray_run_name, storage_path=str(storage), callbacks=callbacks,
+            name=ray_run_name, storage_path=storage_path(cfg, root), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

@@ -284,3 +284,18 @@ def test_engine_config_matches_params_yaml():
                                                else train[field.name])
     with pytest.raises(ValueError, match="loss 'wasserstein'"):
         EngineConfig(loss="wasserstein")
+
+
+def test_loaded_checkpoint_keeps_the_configured_learning_rates(tmp_path):
+    """Population-based sweeps restore another trial's state under new learning rates."""
+    batches = [to_unit_range(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)) for _ in range(6)]
+    source = make_trainer(lr_decay_gamma=0.5, lr_decay_every=2)
+    source.train_epoch(batches)  # 6 updates each: decayed three times
+    source.save_checkpoint(tmp_path / "state.pt")
+
+    explored = make_trainer(lr_g=1e-3, lr_d=4e-3, lr_decay_gamma=0.5, lr_decay_every=2)
+    explored.load_checkpoint(tmp_path / "state.pt")
+    assert explored.opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 ** 3)
+    assert explored.opt_d.param_groups[0]["lr"] == pytest.approx(4e-3 * 0.5 ** 3)
+    explored.train_epoch(batches[:2])  # the schedule goes on from the new base
+    assert explored.opt_d.param_groups[0]["lr"] == pytest.approx(4e-3 * 0.5 ** 4)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import make_dvc_repo, project_params, run_cmd, VENV_BIN
+from conftest import make_dvc_repo, project_params, run_cmd, tool_env
 
 pytestmark = pytest.mark.integration
 
@@ -117,10 +117,8 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
 def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(mirror, tmp_path):
     repo = make_dvc_repo(tmp_path / "repo", small_params(mirror.url, epochs=6, eval_samples=1000))
     run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-    env_path = f"{VENV_BIN}:{subprocess.os.environ['PATH']}"
     process = subprocess.Popen(["ganpipe", "train", "--dataset", "mnist"], cwd=repo, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**subprocess.os.environ, "PATH": env_path})
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=tool_env())
     try:
         deadline = time.time() + 300
         # A second checkpoint folder means Ray has registered the first one.

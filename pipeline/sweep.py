@@ -1,0 +1,311 @@
+"""sweep: Ray Tune over learning rates and D:G step ratios, ranked by sample quality.
+
+Each trial is itself a Ray Train run (a Tune function that fits a TorchTrainer,
+with TuneReportCallback forwarding rank 0's per-epoch metrics), so a trial can
+be data-parallel and ASHA can stop it early on its FID. PBT needs checkpoints
+that Tune can hand from trial to trial: it runs single-process trials through a
+plain Tune function and ``ray.tune.Checkpoint``.
+
+MLflow: a parent run ``sweep-<dataset>-<date>`` with one child run per trial.
+DVC: sweep/results.csv, sweep/best_params.yaml, metrics/sweep.json and two figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline import tracking
+from pipeline.config import Config, ConfigError, apply_overrides, params_hash, read_params, validate
+from pipeline.train import fit, init_ray, make_loop_config, resolve_use_gpu, storage_path, train_loop
+
+OUT = Path("sweep")
+SUMMARY_METRICS = ("fid", "kid", "class_coverage")
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # where TuneReportCallback puts a trial's latest checkpoint
+
+
+def output_paths(root: Path) -> dict[str, Path]:
+    return {"results": root / OUT / "results.csv", "best": root / OUT / "best_params.yaml",
+            "figure": root / OUT / "metric_vs_lr.png", "grid": root / OUT / "best_vs_worst.png",
+            "metrics": root / "metrics" / "sweep.json"}
+
+
+def search_space(cfg: Config) -> dict:
+    """params.yaml's space as Tune domains: a list is a grid, the rest are distributions."""
+    from ray import tune
+
+    space = {}
+    for key, spec in cfg.sweep.space.items():
+        if isinstance(spec, list):
+            space[key] = tune.choice(spec) if cfg.sweep.scheduler == "pbt" else tune.grid_search(spec)
+        else:
+            (kind, args), = spec.items()
+            space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return space
+
+
+def pbt_mutations(cfg: Config) -> dict:
+    return {key: spec if isinstance(spec, list) else search_space(cfg)[key] for key, spec in cfg.sweep.space.items()}
+
+
+def trial_config(raw_params: dict, sweep_cfg, sampled: dict) -> Config:
+    """The trial's full config: params.yaml with the sampled values and the sweep's budget applied."""
+    overrides = {f"train.{key}": value for key, value in sampled.items()}
+    overrides.update({"train.epochs": sweep_cfg.epochs, "train.checkpoint_every": 1,
+                      "ray.num_workers": sweep_cfg.num_workers})
+    return validate(apply_overrides(raw_params, overrides))
+
+
+class TuneSession:
+    """A single-process PBT trial: Tune's reports and checkpoints, no DDP."""
+
+    rank, world = 0, 1
+
+    def __init__(self, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def get_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict, folder: Path | None = None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+
+
+def run_trial(sampled: dict, setup: dict) -> None:
+    """One Tune trial. PBT may start it again with explored values and another trial's checkpoint."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    raw_params, root = setup["params"], Path(setup["root"])
+    cfg = trial_config(raw_params, validate(raw_params).sweep, sampled)
+    client = MlflowClient(setup["tracking_uri"])
+    run_id = _child_run(client, cfg, setup, trial_id)
+    # Every (re)start records the values this trial trains with: PBT changes them as it explores.
+    tracking.log_metrics(client, run_id, {f"hparam/{key}": float(value) for key, value in sampled.items()
+                                          if isinstance(value, (int, float))}, step=0)
+    dataset, use_gpu = cfg.sweep.dataset, resolve_use_gpu(cfg.ray.use_gpu)
+    if cfg.sweep.scheduler == "pbt":
+        loop_config = make_loop_config(cfg, dataset, root, mlflow_run_id=run_id, tracking_uri=setup["tracking_uri"],
+                                       use_gpu=use_gpu, diverged_metrics=setup["diverged_metrics"])
+        train_loop(loop_config, TuneSession(use_gpu))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    fit(cfg, dataset, root, mlflow_run_id=run_id, tracking_uri=setup["tracking_uri"],
+        ray_run_name=f"{setup['name']}-{trial_id}", callbacks=[TuneReportCallback()],
+        diverged_metrics=setup["diverged_metrics"])
+
+
+def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
+    """This trial's MLflow run under the sweep's parent; a restarted trial reuses its own."""
+    existing = client.search_runs(
+        [setup["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{setup['parent_run_id']}' and tags.`ray.trial_id` = '{trial_id}'")
+    if existing:
+        return existing[0].info.run_id
+    _, run_id = tracking.start_run(
+        cfg, cfg.sweep.dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
+        params_hash=setup["params_hash"], parent_run_id=setup["parent_run_id"],
+        name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id})
+    return run_id
+
+
+def _scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    sweep = cfg.sweep
+    if sweep.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs, grace_period=sweep.grace_period,
+                             reduction_factor=sweep.reduction_factor)
+    if sweep.scheduler == "pbt":
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=sweep.perturbation_interval,
+                                       hyperparam_mutations=pbt_mutations(cfg))
+    return FIFOScheduler()
+
+
+def trial_status(result, budget: int) -> str:
+    metrics = result.metrics or {}
+    if result.error is not None:
+        return "failed"
+    if metrics.get("status") in ("diverged", "stopped_early"):
+        return metrics["status"]
+    return "completed" if metrics.get("epoch", 0) >= budget else "stopped_early"
+
+
+def results_table(results, cfg: Config, children: dict[str, str]) -> pd.DataFrame:
+    """One row per trial, best first by the sweep metric; failed and diverged trials last."""
+    sweep = cfg.sweep
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
+        row = {"trial_id": trial_id, "status": trial_status(result, sweep.epochs),
+               **{key: result.config.get(key) for key in sweep.space}}
+        for key in dict.fromkeys((*SUMMARY_METRICS, sweep.metric)):
+            value = metrics.get(key, math.nan)
+            row[key] = value if row["status"] not in ("diverged", "failed") else math.nan
+        row.update(epochs_run=metrics.get("epoch", 0), wall_seconds=round(metrics.get("time_total_s", math.nan), 2),
+                   mlflow_run_id=children.get(trial_id, ""), error=str(result.error or "")[:300],
+                   checkpoint=_latest_checkpoint(result))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.sort_values(sweep.metric, ascending=sweep.mode == "min", na_position="last").reset_index(drop=True)
+
+
+def _trial_id_from_path(path: str) -> str:
+    # Tune names trial folders <function>_<trial_id>_<index>_<params>.
+    parts = Path(path).name.split("_")
+    return next((f"{a}_{b}" for a, b in zip(parts, parts[1:]) if b.isdigit() and len(b) == 5), Path(path).name)
+
+
+def _latest_checkpoint(result) -> str:
+    if result.checkpoint is not None:  # PBT trials report through Tune itself
+        return result.checkpoint.path
+    return (result.metrics or {}).get(CHECKPOINT_PATH_KEY, "")
+
+
+def metric_figure(table: pd.DataFrame, metric: str, path: Path) -> None:
+    """The metric against lr_g and lr_d, coloured by the D:G step ratio."""
+    figure = Figure(figsize=(10, 4), dpi=100)
+    finite = table[np.isfinite(table[metric].astype(float))]
+    ratio = [f"{d}:{g}" for d, g in zip(_column(finite, "d_steps"), _column(finite, "g_steps"))]
+    for index, lr in enumerate(("lr_g", "lr_d")):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for label in sorted(set(ratio)):
+            mask = [r == label for r in ratio]
+            axes.scatter(_column(finite, lr)[mask], finite[metric][mask], label=f"D:G {label}")
+        axes.set_xscale("log")
+        axes.set_xlabel(lr)
+        axes.set_ylabel(metric)
+        axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def _column(table: pd.DataFrame, key: str) -> np.ndarray:
+    """A swept column, or the params.yaml default when the key was not swept."""
+    if key in table:
+        return table[key].to_numpy()
+    defaults = {"d_steps": 1, "g_steps": 1, "lr_g": math.nan, "lr_d": math.nan}
+    return np.full(len(table), defaults[key])
+
+
+def best_vs_worst(table: pd.DataFrame, path: Path) -> bool:
+    """The best and the worst ranked trial's last sample grids side by side."""
+    ranked = table[(table["checkpoint"] != "") & table["status"].isin(["completed", "stopped_early"])]
+    if ranked.empty:
+        return False
+    grids = [np.asarray(Image.open(Path(ranked.iloc[i]["checkpoint"]) / "samples.png").convert("L"))
+             for i in (0, -1)]
+    gap = np.full((grids[0].shape[0], 8), 255, np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.hstack([grids[0], gap, grids[1]])).save(path)
+    return True
+
+
+def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
+    if cfg.sweep is None:
+        raise ConfigError("params.yaml: the sweep section is missing (see the README's sweep example)")
+    sweep, root = cfg.sweep, root.resolve()
+    if sweep.dataset not in cfg.data.datasets:
+        raise ConfigError(f"params.yaml: sweep.dataset = {sweep.dataset!r} is not in data.datasets "
+                          f"(allowed: {', '.join(cfg.data.datasets)})")
+    from ray import tune
+
+    name = f"sweep-{sweep.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = tracking.tracking_uri(cfg, root)
+    client, parent_id = tracking.start_run(cfg, sweep.dataset, root, stage="sweep", ray_run_name=name,
+                                           params_hash=params_hash(root / "params.yaml"), name=name)
+    client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")
+    worst = math.inf if sweep.mode == "min" else -math.inf
+    setup = {"params": read_params(root / "params.yaml"), "root": str(root), "tracking_uri": uri, "name": name,
+             "parent_run_id": parent_id, "experiment_id": client.get_run(parent_id).info.experiment_id,
+             "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst}}
+    print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
+    try:
+        init_ray(cfg)
+        use_gpu = resolve_use_gpu(cfg.ray.use_gpu)
+        # ASHA/FIFO trials only wait on their TorchTrainer, whose workers hold the CPUs/GPUs.
+        resources = {"cpu": 1, "gpu": int(use_gpu)} if sweep.scheduler == "pbt" else {"cpu": 0}
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources),
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=_scheduler(cfg),
+                                        num_samples=sweep.num_samples,
+                                        max_concurrent_trials=sweep.max_concurrent_trials),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path(cfg, root), verbose=1),
+        )
+        results = tuner.fit()
+        children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
+            [setup["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
+        table = results_table(results, cfg, children)
+        for row in table.itertuples():
+            if row.mlflow_run_id:
+                tracking.end_run(client, row.mlflow_run_id, row.status, row.error)
+        summary = _write_outputs(cfg, table, root)
+        _log_parent(client, parent_id, root, summary)
+    except BaseException as err:
+        tracking.end_run(client, parent_id, "failed", f"{type(err).__name__}: {err}")
+        raise
+    tracking.end_run(client, parent_id, "completed")
+    return table
+
+
+def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
+    sweep, paths = cfg.sweep, output_paths(root)
+    paths["results"].parent.mkdir(parents=True, exist_ok=True)
+    paths["metrics"].parent.mkdir(parents=True, exist_ok=True)
+    table.drop(columns=["checkpoint", "error"]).to_csv(paths["results"], index=False)
+    usable = table[table["status"].isin(["completed", "stopped_early"]) & np.isfinite(table[sweep.metric])]
+    if usable.empty:
+        raise RuntimeError(f"no trial finished with a finite {sweep.metric}; see {paths['results']}")
+    best = usable.iloc[0]
+    overrides = {key: _plain(best[key]) for key in sweep.space}
+    paths["best"].write_text(yaml.safe_dump({"train": overrides}, sort_keys=False))
+    metric_figure(table, sweep.metric, paths["figure"])
+    best_vs_worst(table, paths["grid"])
+    epochs_run = table["epochs_run"].sum()
+    summary = {
+        "metric": sweep.metric, "mode": sweep.mode, f"best_{sweep.metric}": float(best[sweep.metric]),
+        "best_trial_id": best["trial_id"], "best_mlflow_run_id": best["mlflow_run_id"], "trials": len(table),
+        "stopped_early": int((table["status"] == "stopped_early").sum()),
+        "diverged": int((table["status"] == "diverged").sum()), "failed": int((table["status"] == "failed").sum()),
+        "epochs_run": int(epochs_run), "budget_saved": round(1 - epochs_run / (len(table) * sweep.epochs), 4),
+    }
+    paths["metrics"].write_text(json.dumps(summary, indent=2) + "\n")
+    print(table.drop(columns=["checkpoint", "error"]).to_string(index=False))
+    command = " ".join(f"-S train.{key}={value}" for key, value in overrides.items())
+    print(f"\nbest {sweep.metric} {best[sweep.metric]:.4f} (trial {best['trial_id']}); "
+          f"ASHA/PBT saved {summary['budget_saved']:.0%} of the epoch budget.\nTrain it:  dvc exp run {command}")
+    return summary
+
+
+def _plain(value):
+    """numpy scalars -> Python numbers, so YAML and `dvc exp run -S` read them back."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _log_parent(client, parent_id: str, root: Path, summary: dict) -> None:
+    paths = output_paths(root)
+    for key in ("results", "best", "figure", "grid"):
+        if paths[key].exists():
+            client.log_artifact(parent_id, str(paths[key]))
+    tracking.log_metrics(client, parent_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)

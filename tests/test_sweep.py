@@ -1,0 +1,129 @@
+"""The sweep stage: real `dvc repro sweep` with Ray Tune, ASHA, Ray Train trials and MLflow parent/child runs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import make_dvc_repo, project_params, run_cmd
+from pipeline.config import ConfigError, apply_overrides, validate
+from pipeline.sweep import pbt_mutations, search_space, trial_config
+
+HUGE_LR = 1.0e30  # SGD at this rate overflows within a few steps: the trial must diverge
+
+
+def sweep_params(mirror_url: str) -> dict:
+    params = project_params(
+        data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
+        model={"name": "mlp", "hidden": [32, 64], "latent_dim": 16},
+        train={"batch_size": 64, "optimizer": "sgd", "eval_samples": 200, "log_every": 2},
+        evaluator={"epochs": 1},
+        ray={"use_gpu": False},
+    )
+    params["sweep"] = {
+        "dataset": "mnist",
+        "space": {"lr_d": [0.01, 0.02, 0.05, HUGE_LR], "lr_g": {"loguniform": [0.005, 0.05]},
+                  "d_steps": {"choice": [1, 2]}, "g_steps": {"choice": [1, 2]}},
+        "num_samples": 1, "scheduler": "asha", "metric": "fid", "epochs": 3, "grace_period": 1,
+        "reduction_factor": 2, "num_workers": 1, "max_concurrent_trials": 1, "seed": 0,
+    }
+    return params
+
+
+@pytest.mark.integration
+def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(mirror, tmp_path):
+    repo = make_dvc_repo(tmp_path / "repo", sweep_params(mirror.url))
+    result = run_cmd(["dvc", "repro", "sweep"], repo)
+    assert "dvc exp run -S train.lr_d=" in result.stdout
+
+    table = pd.read_csv(repo / "sweep/results.csv")
+    assert len(table) == 4
+    assert {"trial_id", "status", "lr_d", "lr_g", "d_steps", "g_steps", "fid", "kid", "class_coverage",
+            "epochs_run", "wall_seconds", "mlflow_run_id"} <= set(table.columns)
+    statuses = dict(zip(table["lr_d"], table["status"]))
+    assert statuses[HUGE_LR] == "diverged"  # recorded, and the others still finished
+    assert set(table["status"]) <= {"completed", "stopped_early", "diverged"}
+    assert (table["status"] == "stopped_early").sum() >= 1  # ASHA stopped a trial after its grace period
+    assert (table["status"] == "completed").sum() >= 1
+    usable = table[table["status"] != "diverged"]
+    assert table.iloc[0]["fid"] == usable["fid"].min()  # the best row has the best metric
+
+    summary = json.loads((repo / "metrics/sweep.json").read_text())
+    assert summary["trials"] == 4 and summary["diverged"] == 1
+    assert summary["stopped_early"] == (table["status"] == "stopped_early").sum()
+    assert summary["best_fid"] == pytest.approx(usable["fid"].min())
+    assert 0 < summary["budget_saved"] < 1
+
+    best = yaml.safe_load((repo / "sweep/best_params.yaml").read_text())
+    assert set(best["train"]) == {"lr_d", "lr_g", "d_steps", "g_steps"}
+    validate(apply_overrides(yaml.safe_load((repo / "params.yaml").read_text()),
+                             {f"train.{k}": v for k, v in best["train"].items()}))
+    for figure in ("metric_vs_lr.png", "best_vs_worst.png"):
+        assert (repo / "sweep" / figure).read_bytes().startswith(b"\x89PNG")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ganpipe-mnist")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name.startswith("sweep-mnist-")
+    parent = parents[0]
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert len(children) == 4
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "results.csv", "best_params.yaml", "metric_vs_lr.png", "best_vs_worst.png", "search_space.yaml"}
+
+    for row in table.itertuples():
+        child = children[row.mlflow_run_id]
+        assert child.data.tags["ray.trial_id"] == row.trial_id
+        for key in ("lr_d", "lr_g", "d_steps", "g_steps"):  # the row's params are what the child recorded
+            assert float(child.data.params[f"train.{key}"]) == pytest.approx(getattr(row, key))
+        assert child.data.params["train.epochs"] == "3"
+        expected_status = "FAILED" if row.status == "diverged" else "FINISHED"
+        assert child.info.status == expected_status and child.data.tags["ganpipe.status"] == row.status
+        if row.status == "diverged":
+            continue
+        # Every sampled value reached the engine: its optimizers' lrs and exact update counts.
+        metrics = child.data.metrics
+        assert metrics["opt/lr_d"] == pytest.approx(row.lr_d) and metrics["opt/lr_g"] == pytest.approx(row.lr_g)
+        steps = client.get_metric_history(row.mlflow_run_id, "loss/d")[-1].step
+        assert metrics["opt/d_updates"] == steps * row.d_steps
+        assert metrics["opt/g_updates"] == steps * row.g_steps
+        assert len(client.get_metric_history(row.mlflow_run_id, "quality/fid")) == row.epochs_run
+
+
+def test_trial_config_applies_every_sampled_value():
+    params = project_params()
+    params["sweep"] = sweep_params("http://unused/")["sweep"]
+    cfg = validate(params)
+    sampled = {"lr_g": 0.0123, "lr_d": 0.0456, "d_steps": 3, "g_steps": 2}
+    trial = trial_config(params, cfg.sweep, sampled)
+    assert (trial.train.lr_g, trial.train.lr_d, trial.train.d_steps, trial.train.g_steps) == (0.0123, 0.0456, 3, 2)
+    assert trial.train.epochs == 3 and trial.ray.num_workers == 1 and trial.train.checkpoint_every == 1
+
+    space = search_space(cfg)
+    assert space["lr_d"] == {"grid_search": [0.01, 0.02, 0.05, HUGE_LR]}
+    assert space["lr_g"].lower == 0.005 and space["lr_g"].upper == 0.05
+    assert space["d_steps"].categories == [1, 2]
+    pbt_cfg = validate(apply_overrides(params, {"sweep.scheduler": "pbt"}))
+    assert pbt_mutations(pbt_cfg)["lr_d"] == [0.01, 0.02, 0.05, HUGE_LR]  # PBT explores the grid's values
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"lr_g": []}, "sweep.space.lr_g: an empty list cannot be sampled"),
+    ({"lr_g": [-1e-3]}, "sweep.space.lr_g: -0.001 is not a valid train.lr_g: Input should be greater than 0"),
+    ({"lr_d": {"loguniform": [1e-3, 1e-4]}}, "sweep.space.lr_d.loguniform: needs [low, high] with low < high"),
+    ({"d_steps": {"choice": [0, 1]}}, "sweep.space.d_steps: 0 is not a valid train.d_steps"),
+    ({"lr_g": {"normal": [0, 1]}}, "sweep.space.lr_g: expected a list or one of {choice, loguniform, uniform"),
+    ({"beta": [0.5]}, "sweep.space.beta = 'beta' is invalid: Input should be 'lr_g', 'lr_d'"),
+])
+def test_unsampleable_space_is_rejected_before_ray_starts(space, message):
+    params = project_params()
+    params["sweep"] = {"dataset": "mnist", "space": space}
+    with pytest.raises(ConfigError) as info:
+        validate(params)
+    assert message in str(info.value)
