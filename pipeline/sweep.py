@@ -149,8 +149,12 @@ def trial_status(result, budget: int) -> str:
     return "completed" if metrics.get("epoch", 0) >= budget else "stopped_early"
 
 
-def results_table(results, cfg: Config, children: dict[str, str]) -> pd.DataFrame:
-    """One row per trial, best first by the sweep metric; failed and diverged trials last."""
+def results_table(results, cfg: Config, children: dict[str, str], epochs_trained: dict[str, int]) -> pd.DataFrame:
+    """One row per trial, best first by the sweep metric; failed and diverged trials last.
+
+    ``epochs_trained`` counts the epochs each child run really logged: a stopped
+    trial may finish an epoch or two after the scheduler's decision reaches it.
+    """
     sweep = cfg.sweep
     rows = []
     for result in results:
@@ -161,8 +165,10 @@ def results_table(results, cfg: Config, children: dict[str, str]) -> pd.DataFram
         for key in dict.fromkeys((*SUMMARY_METRICS, sweep.metric)):
             value = metrics.get(key, math.nan)
             row[key] = value if row["status"] not in ("diverged", "failed") else math.nan
-        row.update(epochs_run=metrics.get("epoch", 0), wall_seconds=round(metrics.get("time_total_s", math.nan), 2),
-                   mlflow_run_id=children.get(trial_id, ""), error=str(result.error or "")[:300],
+        run_id = children.get(trial_id, "")
+        row.update(epochs_run=max(metrics.get("epoch", 0), epochs_trained.get(run_id, 0)),
+                   wall_seconds=round(metrics.get("time_total_s", math.nan), 2),
+                   mlflow_run_id=run_id, error=str(result.error or "")[:300],
                    checkpoint=_latest_checkpoint(result))
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -243,8 +249,9 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
     try:
         init_ray(cfg)
         use_gpu = resolve_use_gpu(cfg.ray.use_gpu)
-        # ASHA/FIFO trials only wait on their TorchTrainer, whose workers hold the CPUs/GPUs.
-        resources = {"cpu": 1, "gpu": int(use_gpu)} if sweep.scheduler == "pbt" else {"cpu": 0}
+        # ASHA/FIFO trials only wait on their TorchTrainer, whose workers hold the CPUs/GPUs;
+        # Tune needs some resource for the trial itself, so it takes a token share of a CPU.
+        resources = {"cpu": 1, "gpu": int(use_gpu)} if sweep.scheduler == "pbt" else {"cpu": 0.01}
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources),
             param_space=search_space(cfg),
@@ -256,7 +263,9 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
         results = tuner.fit()
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
             [setup["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
-        table = results_table(results, cfg, children)
+        epochs_trained = {run_id: len(client.get_metric_history(run_id, "quality/fid"))
+                          for run_id in children.values()}
+        table = results_table(results, cfg, children, epochs_trained)
         for row in table.itertuples():
             if row.mlflow_run_id:
                 tracking.end_run(client, row.mlflow_run_id, row.status, row.error)

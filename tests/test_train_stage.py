@@ -24,7 +24,7 @@ def small_params(mirror_url: str, **train) -> dict:
         data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
         model={"name": "dcgan", "channels": 8, "latent_dim": 16},
         train={"epochs": 2, "batch_size": 64, "eval_samples": 200, "log_every": 2, **train},
-        evaluator={"epochs": 1},
+        evaluator={"epochs": 5, "batch_size": 32},
         ray={"num_workers": 2, "use_gpu": False, "max_failures": 2},
     )
 
