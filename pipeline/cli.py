@@ -56,6 +56,14 @@ def _sweep(args: argparse.Namespace) -> None:
     sweep.run(load_config(args.params))
 
 
+def _ui(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pipeline.tracking import serve_ui
+
+    raise SystemExit(serve_ui(Path("."), host=args.host, port=args.port))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ganpipe", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
@@ -72,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="Ray Tune over params.yaml's sweep.space, logged to MLflow")
     sweep.set_defaults(func=_sweep)
+
+    ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/)")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=_ui)
 
     for name, help_text in [("sample", "write a PNG grid of generated images"),
                             ("evaluate", "print a generator's quality metrics next to the floor")]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,3 +93,18 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") ->
         client.set_tag(run_id, TAG_FAILURE, reason[:5000])
     ok = status in ("completed", "stopped_early")
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def serve_ui(root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run the MLflow UI on the project's store until interrupted; returns the server's exit code."""
+    db = (root / "mlruns" / "mlflow.db").resolve()
+    if not db.exists():
+        raise FileNotFoundError(f"no MLflow store at {db}: run `dvc repro` (or `ganpipe train --dataset mnist`) "
+                                "first, or open your server's URL if mlflow.tracking_uri points at one")
+    print(f"MLflow UI for {db}\nopen http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+               "--host", host, "--port", str(port), "--workers", "1"]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
