@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,8 +79,9 @@ class Mirror:
     requests: list[str] = field(default_factory=list)
 
 
-@pytest.fixture
-def mirror():
+@contextmanager
+def serve_mirror():
+    """Serve synthetic IDX files over loopback HTTP for the duration of the block."""
     state = Mirror(files=synthetic_idx_files())
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -104,11 +106,18 @@ def mirror():
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state.url = f"http://127.0.0.1:{server.server_port}/"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def mirror():
+    with serve_mirror() as state:
+        yield state
 
 
 def tool_env() -> dict[str, str]:
@@ -150,3 +159,38 @@ def project_params(**section_overrides) -> dict:
     for section, values in section_overrides.items():
         params[section] = {**params.get(section, {}), **values}
     return params
+
+
+def sweep_params(mirror_url: str) -> dict:
+    """A 4-trial ASHA sweep on the fixture, one trial forced to diverge, plus a short train run."""
+    params = project_params(
+        data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
+        model={"name": "mlp", "hidden": [32, 64], "latent_dim": 16},
+        train={"epochs": 2, "batch_size": 64, "optimizer": "sgd", "eval_samples": 200, "log_every": 2},
+        evaluator={"epochs": 5, "batch_size": 32},
+        ray={"use_gpu": False, "num_workers": 1},
+    )
+    params["sweep"] = {
+        "dataset": "mnist",
+        "space": {"lr_d": [0.01, 0.02, 0.05, HUGE_LR], "lr_g": {"loguniform": [0.005, 0.05]},
+                  "d_steps": {"choice": [1, 2]}, "g_steps": {"choice": [1, 2]}},
+        "num_samples": 1, "scheduler": "asha", "metric": "fid", "epochs": 3, "grace_period": 1,
+        "reduction_factor": 2, "num_workers": 1, "max_concurrent_trials": 1, "seed": 0,
+    }
+    return params
+
+
+HUGE_LR = 1.0e30  # SGD at this rate overflows within a few steps: that trial must diverge
+
+
+@pytest.fixture(scope="session")
+def swept_repo(tmp_path_factory) -> tuple[Path, str]:
+    """A repository where the real `dvc repro sweep` and `dvc repro train@mnist` ran: (repo, sweep stdout).
+
+    Shared by the sweep and the MLflow UI tests, so the slow part runs once.
+    """
+    with serve_mirror() as state:
+        repo = make_dvc_repo(tmp_path_factory.mktemp("swept") / "repo", sweep_params(state.url))
+        sweep = run_cmd(["dvc", "repro", "sweep"], repo)
+        run_cmd(["dvc", "repro", "train@mnist"], repo)
+    return repo, sweep.stdout

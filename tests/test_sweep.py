@@ -8,37 +8,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_dvc_repo, project_params, run_cmd
+from conftest import HUGE_LR, project_params, sweep_params
 from pipeline.config import ConfigError, apply_overrides, validate
 from pipeline.sweep import pbt_mutations, search_space, trial_config
 
-HUGE_LR = 1.0e30  # SGD at this rate overflows within a few steps: the trial must diverge
 BATCHES_PER_EPOCH = 300 // 64  # the fixture's 300 training images, batch 64, one worker
 
 
-def sweep_params(mirror_url: str) -> dict:
-    params = project_params(
-        data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
-        model={"name": "mlp", "hidden": [32, 64], "latent_dim": 16},
-        train={"batch_size": 64, "optimizer": "sgd", "eval_samples": 200, "log_every": 2},
-        evaluator={"epochs": 5, "batch_size": 32},
-        ray={"use_gpu": False},
-    )
-    params["sweep"] = {
-        "dataset": "mnist",
-        "space": {"lr_d": [0.01, 0.02, 0.05, HUGE_LR], "lr_g": {"loguniform": [0.005, 0.05]},
-                  "d_steps": {"choice": [1, 2]}, "g_steps": {"choice": [1, 2]}},
-        "num_samples": 1, "scheduler": "asha", "metric": "fid", "epochs": 3, "grace_period": 1,
-        "reduction_factor": 2, "num_workers": 1, "max_concurrent_trials": 1, "seed": 0,
-    }
-    return params
-
-
 @pytest.mark.integration
-def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(mirror, tmp_path):
-    repo = make_dvc_repo(tmp_path / "repo", sweep_params(mirror.url))
-    result = run_cmd(["dvc", "repro", "sweep"], repo)
-    assert "dvc exp run -S train.lr_d=" in result.stdout
+def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(swept_repo):
+    repo, stdout = swept_repo
+    assert "dvc exp run -S train.lr_d=" in stdout
 
     table = pd.read_csv(repo / "sweep/results.csv")
     assert len(table) == 4
@@ -71,7 +51,7 @@ def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(mirror, tmp_path):
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ganpipe-mnist")
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in runs if r.data.tags.get("dvc.stage") == "sweep" and "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.run_name.startswith("sweep-mnist-")
     parent = parents[0]
     children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}

@@ -102,6 +102,17 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
 
     grid = Image.open(repo / "grid.png")
     assert grid.size == (4 * 28 + 5 * 2, 4 * 28 + 5 * 2)
+    run_cmd(["ganpipe", "sample", "--dataset", "mnist", "--mlflow-run", run.info.run_id, "-n", "9",
+             "-o", str(tmp_path / "from_mlflow.png")], repo)
+    assert Image.open(tmp_path / "from_mlflow.png").size == (3 * 28 + 4 * 2, 3 * 28 + 4 * 2)
+    (repo / "grid.png").unlink()
+
+    # ganpipe evaluate prints the model's metrics next to the evaluator's floor
+    table = run_cmd(["ganpipe", "evaluate", "--dataset", "mnist", "-n", "200"], repo).stdout
+    assert "floor (real vs real)" in table and "noise ceiling" in table
+    fid_row = next(line.split() for line in table.splitlines() if line.startswith("fid "))
+    floor = json.loads((repo / "metrics/evaluator/mnist.json").read_text())["real_vs_real"]["fid"]
+    assert float(fid_row[1]) > 0 and float(fid_row[2]) == pytest.approx(floor, abs=1e-4)
 
     # dvc exp run -S changes one knob and shows up in dvc exp show
     run_cmd(["git", "add", "-A"], repo)

@@ -1,0 +1,137 @@
+"""The path users take to compare runs: `ganpipe ui` over a real store, driven in headless Chromium.
+
+The store comes from the real train run and the real sweep of ``swept_repo``.
+Screenshots land in the test's tmp folder; with GANPIPE_UPDATE_DOCS=1 they also
+refresh docs/, where the README's walkthrough shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, tool_env
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("GANPIPE_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required (Debian: apt-get install chromium chromium-driver)")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # No internet here: background networking would only make failing connections.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1600,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(swept_repo):
+    repo, _ = swept_repo
+    port = free_port()
+    process = subprocess.Popen(["ganpipe", "ui", "--port", str(port)], cwd=repo, env=tool_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except OSError:
+            assert process.poll() is None and time.time() < deadline, "ganpipe ui did not come up"
+            time.sleep(0.5)
+    yield base, repo, process
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def api(base: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request).read())
+
+
+def show(driver, url: str, expected: list[str], screenshot: str, tmp_path: Path) -> str:
+    """Open url, wait until every expected string is on the page, save a screenshot; the page text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    body = lambda: driver.find_element(By.TAG_NAME, "body").text
+    try:
+        WebDriverWait(driver, 60).until(lambda _: all(text in body() for text in expected))
+    finally:
+        driver.save_screenshot(str(tmp_path / screenshot))
+    if os.environ.get("GANPIPE_UPDATE_DOCS"):
+        (REPO_ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copy(tmp_path / screenshot, REPO_ROOT / "docs" / screenshot)
+    return body()
+
+
+def runs_of(base: str) -> tuple[str, dict, list[dict]]:
+    found = json.loads(urllib.request.urlopen(
+        f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ganpipe-mnist").read())["experiment"]
+    runs = api(base, "runs/search", {"experiment_ids": [found["experiment_id"]], "max_results": 100})["runs"]
+    tags = lambda run: {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+    (train,) = [r for r in runs if tags(r).get("dvc.stage") == "train@mnist"]
+    children = [r for r in runs if "mlflow.parentRunId" in tags(r)]
+    return found["experiment_id"], train, children
+
+
+def test_ui_shows_experiments_runs_and_a_sweep_comparison(ui, browser, tmp_path):
+    base, repo, process = ui
+    experiment_id, train, children = runs_of(base)
+    assert len(children) == 4
+
+    # 1. the experiment list has the dataset's experiment
+    show(browser, f"{base}/#/experiments", ["ganpipe-mnist"], "ui-experiments.png", tmp_path)
+
+    # 2. the train run: its metric charts, grouped by prefix, and its per-epoch sample images
+    run_id, run_name = train["info"]["run_id"], train["info"]["run_name"]
+    text = show(browser, f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics",
+                [run_name, "loss", "quality", "fid", "samples"], "ui-train-run.png", tmp_path)
+    assert "d" in text and "speed" in text
+    images = browser.find_elements("css selector", "img")
+    assert any("samples" in (image.get_attribute("src") or "") for image in images)
+
+    # 3. the sweep's children side by side: their lr and D:G params
+    ids = json.dumps([child["info"]["run_id"] for child in children])
+    text = show(browser, f"{base}/#/compare-runs?runs={ids}&experiments=[\"{experiment_id}\"]",
+                ["Comparing 4 Runs", "train.lr_d", "train.lr_g", "train.d_steps", "train.g_steps"],
+                "ui-sweep-compare.png", tmp_path)
+    for child in children:
+        assert child["info"]["run_name"] in text
+    assert "1e+30" in text  # the diverged trial's lr_d, beside the others
+
+
+def test_ui_without_a_store_says_how_to_make_one(tmp_path):
+    result = subprocess.run(["ganpipe", "ui"], cwd=tmp_path, env=tool_env(), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "no MLflow store at" in result.stderr and "dvc repro" in result.stderr
