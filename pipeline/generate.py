@@ -34,8 +34,9 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
         import mlflow.pytorch
 
         mlflow.set_tracking_uri(tracking.tracking_uri(cfg, Path.cwd()))
-        model = mlflow.pytorch.load_model(f"runs:/{mlflow_run}/generator", map_location=device)
-        latent_dim = cfg.model.latent_dim
+        model = mlflow.pytorch.load_model(f"runs:/{mlflow_run}/generator", device=device)
+        # The run's own model size, which may differ from today's params.yaml.
+        latent_dim = int(mlflow.get_run(mlflow_run).data.params["model.latent_dim"])
     else:
         path = Path(checkpoint or Path("models") / dataset / "generator.pt")
         if not path.exists():

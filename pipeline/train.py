@@ -13,6 +13,7 @@ and keeps logging into the same MLflow run.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -110,6 +111,8 @@ class RayTrainSession:
         import ray.train
         import ray.train.torch
 
+        # Ray Train logs every report in full at INFO; rank 0's epoch line says what matters.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
