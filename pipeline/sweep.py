@@ -263,7 +263,8 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
         results = tuner.fit()
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
             [setup["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
-        epochs_trained = {run_id: len(client.get_metric_history(run_id, "quality/fid"))
+        # Distinct epochs: a PBT trial that exploits another's checkpoint logs some epochs again.
+        epochs_trained = {run_id: len({m.step for m in client.get_metric_history(run_id, "quality/fid")})
                           for run_id in children.values()}
         table = results_table(results, cfg, children, epochs_trained)
         for row in table.itertuples():
