@@ -25,7 +25,7 @@ class Generator(nn.Module):
         self.shape = tuple(shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).reshape(len(z), *self.shape)
+        return self.net(z).reshape(z.shape[0], *self.shape)  # shape[0], not len(): stays dynamic in torch.export
 
 
 class Discriminator(nn.Module):
