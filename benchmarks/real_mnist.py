@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gan.data import DeviceBatches, load_idx_split  # noqa: E402
-from gan.engine import GANTrainer  # noqa: E402
+from gan.engine import EngineConfig, GANTrainer  # noqa: E402
 from gan.metrics import evaluate  # noqa: E402
 from pipeline.config import validate  # noqa: E402
 from pipeline.evaluator import load_reference  # noqa: E402
-from pipeline.train import build_generator_and_discriminator, engine_config  # noqa: E402
+from pipeline.train import build_generator_and_discriminator  # noqa: E402
 
 
 def idx_gz(array: np.ndarray) -> bytes:
@@ -80,12 +80,13 @@ def direct_run(repo: Path, params: dict) -> float:
     cfg = validate(params)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.train.seed)
-    generator, discriminator = build_generator_and_discriminator(cfg, "mnist")
+    generator, discriminator = build_generator_and_discriminator(cfg.model, "mnist")
     with np.load(repo / "data/processed/mnist.npz") as npz:
         x_train = torch.from_numpy(npz["x_train"]).to(device)
     evaluator, reference = load_reference("mnist", repo, device)
     started = time.perf_counter()
-    trainer = GANTrainer(generator, discriminator, engine_config(cfg), device=device, seed=cfg.train.seed)
+    trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()),
+                         device=device, seed=cfg.train.seed)
     batches = DeviceBatches(x_train, cfg.train.batch_size, seed=cfg.train.seed)
     for _ in range(cfg.train.epochs):
         trainer.train_epoch(batches)

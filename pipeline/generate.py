@@ -27,7 +27,7 @@ Sampler = Callable[[int], torch.Tensor]
 def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_run: str | None,
                  device: torch.device, seed: int = 0) -> Sampler:
     """A function n -> n generated samples in the data's range, seeded for reproducibility."""
-    from gan.models import build_models
+    from pipeline.train import build_generator_and_discriminator
 
     noise_source = torch.Generator(device=device).manual_seed(seed)
     if mlflow_run:
@@ -44,9 +44,7 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
         state = torch.load(path, map_location=device, weights_only=True)
         model_cfg = ModelConfig(**state["model"]) if "model" in state else cfg.model
         weights = state["state_dict"] if "state_dict" in state else state["trainer"]["generator"]
-        model, _ = build_models(model_cfg.name, shape=DATASETS[dataset].shape, latent_dim=model_cfg.latent_dim,
-                                hidden=tuple(model_cfg.hidden), channels=model_cfg.channels,
-                                dropout=model_cfg.dropout)
+        model, _ = build_generator_and_discriminator(model_cfg, dataset)
         model.load_state_dict(weights)
         model.to(device).eval()
         latent_dim = model_cfg.latent_dim

@@ -17,10 +17,8 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pandas as pd
 import torch
@@ -32,15 +30,13 @@ from gan.images import density_plot, image_grid, save_png
 from gan.metrics import evaluate
 from gan.models import build_models
 from pipeline import tracking
-from pipeline.config import Config, ConfigError, params_hash, validate
+from pipeline.config import Config, ConfigError, ModelConfig, params_hash, validate
 from pipeline.evaluator import load_reference
 from pipeline.preprocess import load_processed, processed_paths
 
 # MLflow metric keys, grouped by prefix so the UI charts them together.
 STEP_METRICS = {"loss_d": "loss/d", "loss_g": "loss/g", "d_real": "d/real", "d_fake": "d/fake",
                 "d_acc": "d/acc", "grad_norm_d": "grad/d", "grad_norm_g": "grad/g"}
-QUALITY_METRICS = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall")
-TOY_QUALITY_METRICS = ("mean", "std", "wasserstein")
 STATUS_FILE = "status.json"
 
 
@@ -55,14 +51,8 @@ def output_paths(dataset: str, root: Path) -> dict[str, Path]:
     }
 
 
-def engine_config(cfg: Config, **overrides: Any) -> EngineConfig:
-    names = {f.name for f in fields(EngineConfig)}
-    values = {k: v for k, v in cfg.train.model_dump().items() if k in names}
-    return EngineConfig(**{**values, **overrides})
-
-
-def build_generator_and_discriminator(cfg: Config, dataset: str):
-    m = cfg.model
+def build_generator_and_discriminator(m: ModelConfig, dataset: str):
+    """params.yaml's model section, built for the dataset's sample shape."""
     return build_models(m.name, shape=DATASETS[dataset].shape, latent_dim=m.latent_dim,
                         hidden=tuple(m.hidden), channels=m.channels, dropout=m.dropout)
 
@@ -146,11 +136,11 @@ def train_loop(loop_config: dict, session=None) -> None:
 
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
     torch.manual_seed(cfg.train.seed)
-    generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg, dataset))
+    generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
     x_train = torch.from_numpy(load_processed(dataset, root)["x_train"])
     batches = DeviceBatches(shard(x_train, rank, world).to(device), cfg.train.batch_size // world,
                             seed=cfg.train.seed + rank)
-    trainer = GANTrainer(generator, discriminator, engine_config(cfg), device=device,
+    trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()), device=device,
                          seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers)
 
     start_epoch, history = 1, History()
@@ -384,7 +374,7 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     real_png = root / processed_paths(dataset)["png"]
     if real_png.exists():
         client.log_artifact(run_id, str(real_png), artifact_path="reference")
-    generator, _ = build_generator_and_discriminator(cfg, dataset)
+    generator, _ = build_generator_and_discriminator(cfg.model, dataset)
     generator.load_state_dict(torch.load(paths["generator"], weights_only=True)["state_dict"])
     generator.eval()
     noise = torch.randn(4, cfg.model.latent_dim)
