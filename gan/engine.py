@@ -15,6 +15,7 @@ and are read (and checked for NaN/inf) every ``log_every`` iterations.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -37,6 +38,10 @@ NOISE_KINDS = ("gaussian", "uniform")
 OPTIMIZERS = ("auto", "adam", "rmsprop", "sgd")
 FIXED_NOISE_SIZE = 64  # the sample grid: 8 x 8
 GRAPH_WARMUP_ITERATIONS = 3  # eager iterations on a side stream before capture (CUDA graphs docs)
+LOSS_INDICES = [METRICS.index("loss_d"), METRICS.index("loss_g")]  # what the graph check compares
+# How far a graph replay's losses may sit from eager mode's for the same iteration (relative and absolute):
+# the same kernels in another launch order; bf16 rounds at about 4e-3.
+GRAPH_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
 
 
 @dataclass
@@ -139,7 +144,10 @@ class GANTrainer:
     On CUDA with ``cuda_graph`` the whole iteration runs as one captured CUDA
     graph. It falls back to eager mode on CPU, for wgan_gp (a double backward),
     and for DDP-wrapped modules (DDP needs extra NCCL settings and many eager
-    warm-up iterations before its all-reduces can be captured).
+    warm-up iterations before its all-reduces can be captured). Each capture is
+    checked against eager mode on its first replay; a capture that raises or
+    disagrees makes the trainer warn once and go on eagerly
+    (``graph_fallback_reason`` says why).
     """
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, config: EngineConfig, *,
@@ -160,8 +168,9 @@ class GANTrainer:
             kind = "rmsprop" if config.loss == "wgan" else "adam"
         self._g_params = [p for p in self.g_module.parameters() if p.requires_grad]
         self._d_params = [p for p in self.d_module.parameters() if p.requires_grad]
-        self.opt_g = _optimizer(kind, self._g_params, config.lr_g, config.betas_g, self.use_graph)
-        self.opt_d = _optimizer(kind, self._d_params, config.lr_d, config.betas_d, self.use_graph)
+        self._capturable = self.use_graph  # optimizer state on the device, as graph capture needs
+        self.opt_g = _optimizer(kind, self._g_params, config.lr_g, config.betas_g, self._capturable)
+        self.opt_d = _optimizer(kind, self._d_params, config.lr_d, config.betas_d, self._capturable)
         # Staircase decay, counted in optimizer updates: lr * gamma ** (updates // every).
         self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, config.lr_decay_every, config.lr_decay_gamma)
         self.sched_d = torch.optim.lr_scheduler.StepLR(self.opt_d, config.lr_decay_every, config.lr_decay_gamma)
@@ -178,9 +187,10 @@ class GANTrainer:
         self._calm_checks = 0  # consecutive read-backs with mean D(G(z)) within 0.5 +- tol
         self._window_sum = torch.zeros(len(METRICS), device=self.device)
         self._window_steps = 0
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._replay: Callable[[], Tensor] | None = None  # the captured iteration
         self._graph_lrs: tuple[float, float] | None = None
         self._graph_warmup_left = GRAPH_WARMUP_ITERATIONS
+        self.graph_fallback_reason: str | None = None  # why the CUDA graph was given up, if it was
 
     # ---------------------------------------------------------------- noise and sampling
 
@@ -284,32 +294,84 @@ class GANTrainer:
         A changed learning rate (capturable optimizers bake a float lr into the
         graph) or loaded optimizer state means a fresh capture.
         """
-        if self._graph is None and self._graph_warmup_left > 0:
+        if self._replay is None and self._graph_warmup_left > 0:
             self._graph_warmup_left -= 1
-            side_stream = torch.cuda.Stream(self.device)
-            side_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side_stream):
-                metrics = self._iteration(reals)
-            torch.cuda.current_stream(self.device).wait_stream(side_stream)
-            return metrics
+            with self._side_stream():
+                return self._iteration(reals)
         lrs = (self.opt_d.param_groups[0]["lr"], self.opt_g.param_groups[0]["lr"])
-        if self._graph is not None and (lrs != self._graph_lrs or reals[0].shape != self._static_reals.shape[1:]):
-            self._graph = None
-        if self._graph is None:
+        if self._replay is not None and (lrs != self._graph_lrs or reals[0].shape != self._static_reals.shape[1:]):
+            self._replay = None
+        if self._replay is None:
+            return self._capture_checked(reals, lrs)
+        for buffer, real in zip(self._static_reals, reals):
+            buffer.copy_(real)
+        return self._replay()  # overwritten by the next replay: the caller accumulates it first
+
+    def _capture_checked(self, reals: list[Tensor], lrs: tuple[float, float]) -> Tensor:
+        """Capture the iteration and prove it on its first replay, or fall back to eager mode for good.
+
+        The same iteration runs eagerly first; then the state is rolled back and the
+        graph replays it. Their losses must agree within fp32 (or bf16) tolerance. A
+        capture or replay that raises, or a graph that computes something else, is
+        warned about once; the state is rolled back and training goes on eagerly.
+        """
+        snapshot = _cloned(self.state_dict())
+        expected = self._iteration(reals)[LOSS_INDICES]
+        # A loaded optimizer adopts the tensors it is given and updates them in place: load a copy.
+        self.load_state_dict(_cloned(snapshot))
+        try:
             self._static_reals = torch.stack(reals)
-            self.opt_d.zero_grad(set_to_none=True)  # backward allocates .grad from the graph's pool
-            self.opt_g.zero_grad(set_to_none=True)
-            self._graph = torch.cuda.CUDAGraph()
-            self._graph.register_generator_state(self.noise_generator)  # fresh noise on every replay
-            # thread_local: CUDA calls of other threads (e.g. a Ray worker's) do not break the capture
-            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
-                self._static_metrics = self._iteration(self._static_reals)
+            self._replay = self._capture(self._static_reals)
+            metrics = self._replay()
+            problem = self._graph_mismatch(expected, metrics[LOSS_INDICES])
+        except Exception as err:  # noqa: BLE001 - whatever breaks the graph, eager mode still trains
+            problem = f"capture or first replay raised {type(err).__name__}: {err}"
+        if problem is None:
             self._graph_lrs = lrs
-        else:
-            for buffer, real in zip(self._static_reals, reals):
-                buffer.copy_(real)
-        self._graph.replay()
-        return self._static_metrics  # overwritten by the next replay: the caller accumulates it first
+            return metrics
+        warnings.warn(f"CUDA graph disabled, training continues in eager mode: {problem}", RuntimeWarning,
+                      stacklevel=2)
+        self.use_graph = self._capturable = False
+        self.graph_fallback_reason = problem
+        self.load_state_dict(snapshot)  # also drops the graph and makes the optimizers non-capturable
+        return self._iteration(reals)
+
+    def _capture(self, static_reals: Tensor) -> Callable[[], Tensor]:
+        """Capture ``_iteration(static_reals)`` as a CUDA graph; returns its replay (-> the metrics tensor)."""
+        self.opt_d.zero_grad(set_to_none=True)  # backward allocates .grad from the graph's pool
+        self.opt_g.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.noise_generator)  # fresh noise on every replay
+        # thread_local: CUDA calls of other threads (e.g. a Ray worker's) do not break the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_metrics = self._iteration(static_reals)
+
+        def replay() -> Tensor:
+            graph.replay()
+            return static_metrics
+
+        return replay
+
+    def _graph_mismatch(self, eager: Tensor, graph: Tensor) -> str | None:
+        """None when the graph's losses match the eager ones, else what differs (one host read-back)."""
+        tolerance = GRAPH_TOLERANCE["bf16" if self.config.bf16 else "fp32"]
+        if torch.allclose(graph.float(), eager.float(), rtol=tolerance, atol=tolerance):
+            return None
+        names = [METRICS[i] for i in LOSS_INDICES]
+        return (f"the captured graph's losses {dict(zip(names, graph.tolist()))} differ from eager mode's "
+                f"{dict(zip(names, eager.tolist()))} by more than {tolerance:g}")
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        """Eager warm-up before a capture runs on a side stream (CUDA graphs docs); elsewhere a no-op."""
+        if self.device.type != "cuda":
+            yield
+            return
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(stream)
 
     # ---------------------------------------------------------------- the loop
 
@@ -409,7 +471,7 @@ class GANTrainer:
         self.g_module.load_state_dict(state["generator"])
         self.d_module.load_state_dict(state["discriminator"])
         for optimizer, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
-            optimizer.load_state_dict(_with_capturable(state[key], self.use_graph))
+            optimizer.load_state_dict(_with_capturable(state[key], self._capturable))
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
         self._apply_configured_lrs()
@@ -428,7 +490,7 @@ class GANTrainer:
         else:
             warnings.warn(f"checkpoint saved on {state['device_type']}, loaded on {self.device.type}: "
                           "random number states not restored, so the resumed run is not bit-exact")
-        self._graph = None  # the optimizers hold new state tensors: capture again
+        self._replay = None  # the optimizers hold new state tensors: capture again
 
     def _apply_configured_lrs(self) -> None:
         """This trainer's lr_g / lr_d win over a loaded checkpoint's, at the same point of the decay.
@@ -461,15 +523,25 @@ class GANTrainer:
             batches.load_state_dict(state["batches"])
 
 
+def _map_tensors(value, function: Callable[[Tensor], Tensor]):
+    """A copy of a nested state with ``function`` applied to every tensor."""
+    if isinstance(value, Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {key: _map_tensors(item, function) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(item, function) for item in value)
+    return value
+
+
+def _cloned(value):
+    """A deep copy of a nested state, on the same devices."""
+    return _map_tensors(value, lambda tensor: tensor.detach().clone())
+
+
 def _on_cpu(value):
     """A copy of a nested state with every tensor on the CPU."""
-    if isinstance(value, Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: _on_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(item) for item in value)
-    return value
+    return _map_tensors(value, Tensor.cpu)
 
 
 def _with_capturable(optimizer_state: dict, capturable: bool) -> dict:
