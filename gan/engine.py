@@ -16,6 +16,7 @@ and are read (and checked for NaN/inf) every ``log_every`` iterations.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import time
@@ -68,6 +69,7 @@ class EngineConfig:
     log_every: int = 50
     bf16: bool = False
     cuda_graph: bool = True
+    g_ema: float = 0.0  # decay of the moving average of G's weights that samples (0: off)
 
     def __post_init__(self):
         for name, value, allowed in (("loss", self.loss, tuple(LOSSES)), ("noise", self.noise, NOISE_KINDS),
@@ -77,6 +79,8 @@ class EngineConfig:
         for name in ("d_steps", "g_steps", "lr_decay_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.g_ema < 1:
+            raise ValueError(f"g_ema must be in [0, 1), got {self.g_ema}")
         self.betas_g, self.betas_d = tuple(self.betas_g), tuple(self.betas_d)
 
     @classmethod
@@ -175,6 +179,10 @@ class GANTrainer:
         self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, config.lr_decay_every, config.lr_decay_gamma)
         self.sched_d = torch.optim.lr_scheduler.StepLR(self.opt_d, config.lr_decay_every, config.lr_decay_gamma)
 
+        # G-EMA: a moving average of G's weights samples, evaluates and is exported (Karras et al., Yazici et al.).
+        self.g_ema = copy.deepcopy(self.g_module).eval().requires_grad_(False) if config.g_ema else None
+        self._ema_updates = torch.zeros((), device=self.device)
+
         self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)
         # Sampling draws from its own generator so that it never shifts the training noise.
         self.sample_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
@@ -202,16 +210,23 @@ class GANTrainer:
             return torch.rand(shape, generator=generator, device=self.device) * 2 - 1
         return torch.randn(shape, generator=generator, device=self.device)
 
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The G that samples, evaluates and is exported: the moving average when ``g_ema`` is on."""
+        return self.g_ema if self.g_ema is not None else self.g_module
+
     @torch.no_grad()
     def sample(self, n: int | None = None, noise: Tensor | None = None) -> Tensor:
-        """n fresh samples, or G(noise), in eval mode (BatchNorm running statistics); G is back in train mode after."""
+        """n fresh samples, or G(noise), in eval mode (BatchNorm running statistics); G's mode is restored after."""
         if noise is None:
             noise = self.noise(n, self.sample_generator)
-        self.g_module.eval()
+        generator = self.sampling_generator
+        was_training = generator.training
+        generator.eval()
         try:
-            return self.g_module(noise.to(self.device))
+            return generator(noise.to(self.device))
         finally:
-            self.g_module.train()
+            generator.train(was_training)
 
     def generate(self, n: int, batch_size: int = 1000) -> Tensor:
         """n samples on the trainer's device, drawn ``batch_size`` at a time."""
@@ -266,7 +281,24 @@ class GANTrainer:
         loss.backward(inputs=self._g_params)  # D's parameter gradients would be thrown away
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._g_params if p.grad is not None])
         self.opt_g.step()
+        if self.g_ema is not None:
+            self._update_ema()
         return torch.stack([loss.detach(), grad_norm])
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """g_ema <- decay * g_ema + (1 - decay) * G, with buffers (BatchNorm statistics) copied.
+
+        The decay ramps up as (1 + n) / (10 + n) over the n-th update until it reaches
+        ``g_ema`` (TensorFlow's ExponentialMovingAverage), so early samples are not
+        dominated by the initial weights. Pure device work: it runs inside the graph.
+        """
+        self._ema_updates += 1
+        decay = ((1 + self._ema_updates) / (10 + self._ema_updates)).clamp(max=self.config.g_ema)
+        for average, live in zip(self.g_ema.parameters(), self.g_module.parameters()):
+            average.lerp_(live, 1 - decay)
+        for average, live in zip(self.g_ema.buffers(), self.g_module.buffers()):
+            average.copy_(live)
 
     def _iteration(self, reals: Sequence[Tensor]) -> Tensor:
         """d_steps D updates, then g_steps G updates: pure device work, capturable as one graph."""
@@ -447,6 +479,8 @@ class GANTrainer:
         return {
             "generator": self.g_module.state_dict(),
             "discriminator": self.d_module.state_dict(),
+            "g_ema": self.g_ema.state_dict() if self.g_ema is not None else {},
+            "ema_updates": self._ema_updates,
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "sched_g": self.sched_g.state_dict(),
@@ -470,6 +504,10 @@ class GANTrainer:
         state = _on_cpu(state)
         self.g_module.load_state_dict(state["generator"])
         self.d_module.load_state_dict(state["discriminator"])
+        if self.g_ema is not None:
+            # A checkpoint of a run without the average starts it from the loaded G.
+            self.g_ema.load_state_dict(state.get("g_ema") or state["generator"])
+            self._ema_updates.copy_(state.get("ema_updates", torch.zeros(())))
         for optimizer, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
             optimizer.load_state_dict(_with_capturable(state[key], self._capturable))
         self.sched_g.load_state_dict(state["sched_g"])

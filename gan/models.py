@@ -39,36 +39,48 @@ class Discriminator(nn.Module):
         return self.net(x).reshape(-1)
 
 
-def _mlp(widths: Sequence[int], dropout: float | None = None) -> list[nn.Module]:
-    """Linear + LeakyReLU(0.2) between consecutive widths, each followed by Dropout if one is given.
+# Hidden-layer activations of the MLP models: leaky_relu (modern default) or the classic tanh / relu.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+}
+
+
+def _mlp(widths: Sequence[int], dropout: float | None = None, activation: str = "leaky_relu") -> list[nn.Module]:
+    """Linear + activation between consecutive widths, each followed by Dropout if one is given.
 
     Discriminators always get their Dropout layers (p may be 0) so that their
     state_dict keys do not depend on the dropout knob.
     """
     layers: list[nn.Module] = []
     for width_in, width_out in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(width_in, width_out), nn.LeakyReLU(0.2)]
+        layers += [nn.Linear(width_in, width_out), ACTIVATIONS[activation]()]
         if dropout is not None:
             layers.append(nn.Dropout(dropout))
     return layers
 
 
-def build_mlp(shape, latent_dim, hidden, channels, dropout) -> tuple[Generator, Discriminator]:
-    """The vanilla GAN: fully connected G (hidden ascending) and D (hidden descending)."""
+def build_mlp(shape, latent_dim, hidden, channels, dropout, activation) -> tuple[Generator, Discriminator]:
+    """The vanilla GAN: fully connected G (hidden ascending) and D (hidden descending).
+
+    G ends in tanh: the [-1, 1] form of the tutorials' sigmoid output, since tanh(x) = 2 sigmoid(2x) - 1.
+    """
     size = math.prod(shape)
-    generator = nn.Sequential(*_mlp([latent_dim, *hidden]), nn.Linear(hidden[-1], size), nn.Tanh())
+    generator = nn.Sequential(*_mlp([latent_dim, *hidden], activation=activation), nn.Linear(hidden[-1], size),
+                              nn.Tanh())
     discriminator = nn.Sequential(
-        nn.Flatten(), *_mlp([size, *reversed(hidden)], dropout), nn.Linear(hidden[0], 1)
+        nn.Flatten(), *_mlp([size, *reversed(hidden)], dropout, activation), nn.Linear(hidden[0], 1)
     )
     return Generator(generator, latent_dim, shape), Discriminator(discriminator)
 
 
-def build_toy1d(shape, latent_dim, hidden, channels, dropout) -> tuple[Generator, Discriminator]:
+def build_toy1d(shape, latent_dim, hidden, channels, dropout, activation) -> tuple[Generator, Discriminator]:
     """Small MLPs for the 1-D Gaussian demo. G's output is linear: the data sit near 4, outside tanh's range."""
     size = math.prod(shape)
-    generator = nn.Sequential(*_mlp([latent_dim, *hidden]), nn.Linear(hidden[-1], size))
+    generator = nn.Sequential(*_mlp([latent_dim, *hidden], activation=activation), nn.Linear(hidden[-1], size))
     discriminator = nn.Sequential(
-        nn.Flatten(), *_mlp([size, *hidden], dropout), nn.Linear(hidden[-1], 1)
+        nn.Flatten(), *_mlp([size, *hidden], dropout, activation), nn.Linear(hidden[-1], 1)
     )
     return Generator(generator, latent_dim, shape), Discriminator(discriminator)
 
@@ -96,7 +108,7 @@ def dcgan_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_dcgan(shape, latent_dim, hidden, channels, dropout) -> tuple[Generator, Discriminator]:
+def build_dcgan(shape, latent_dim, hidden, channels, dropout, activation) -> tuple[Generator, Discriminator]:
     """DCGAN: dense -> (4ch, H/4, W/4) -> two stride-2 transposed convs; D mirrors it with strided convs."""
     image_channels, height, width = _quarter_size(shape)
     ch = channels
@@ -135,10 +147,11 @@ def _keras_batchnorm(num_features: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(num_features, momentum=0.2, eps=1e-3)
 
 
-def build_dcgan_upsample(shape, latent_dim, hidden, channels, dropout) -> tuple[Generator, Discriminator]:
+def build_dcgan_upsample(shape, latent_dim, hidden, channels, dropout, activation) -> tuple[Generator, Discriminator]:
     """The Keras-tutorial DCGAN: G upsamples (nearest 2x) then convolves; D uses fixed Dropout(0.25).
 
-    The ``dropout`` knob does not apply: the tutorial's D always drops 0.25.
+    The ``dropout`` knob does not apply: the tutorial's D always drops 0.25. Neither
+    does ``activation`` (nor in ``build_dcgan``): conv models keep ReLU in G, LeakyReLU in D.
     """
     image_channels, height, width = _quarter_size(shape)
     ch = channels
@@ -178,6 +191,18 @@ MODELS: dict[str, Callable[..., tuple[Generator, Discriminator]]] = {
 }
 
 
+def spectral_normalize(discriminator: nn.Module) -> nn.Module:
+    """Every Conv2d and Linear of D divided by its largest singular value (Miyato et al., 2018).
+
+    One power iteration per forward in training mode, so each layer is 1-Lipschitz
+    as training goes on; BatchNorm layers are left as they are.
+    """
+    for module in list(discriminator.modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(module)
+    return discriminator
+
+
 def build_models(
     name: str,
     shape: Sequence[int] = (1, 28, 28),
@@ -185,8 +210,15 @@ def build_models(
     hidden: Sequence[int] = (256, 512, 1024),
     channels: int = 64,
     dropout: float = 0.0,
+    activation: str = "leaky_relu",
+    spectral_norm: bool = False,
 ) -> tuple[Generator, Discriminator]:
     """(generator, discriminator) of the named model for samples of ``shape``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
-    return MODELS[name](tuple(shape), latent_dim, tuple(hidden), channels, dropout)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+    generator, discriminator = MODELS[name](tuple(shape), latent_dim, tuple(hidden), channels, dropout, activation)
+    if spectral_norm:
+        spectral_normalize(discriminator)
+    return generator, discriminator

@@ -29,7 +29,7 @@ def _stage(module_name: str):
     def command(args: argparse.Namespace) -> None:
         import importlib
 
-        cfg = load_config(args.params)
+        cfg = load_config(args.params, _preset_override(args))
         if args.dataset not in cfg.data.datasets:
             raise ConfigError(f"{args.params}: --dataset {args.dataset!r} is not in data.datasets "
                               f"(allowed: {', '.join(cfg.data.datasets)})")
@@ -53,7 +53,13 @@ def _tool(name: str):
 def _sweep(args: argparse.Namespace) -> None:
     from pipeline import sweep
 
-    sweep.run(load_config(args.params))
+    sweep.run(load_config(args.params, _preset_override(args)))
+
+
+def _preset_override(args: argparse.Namespace) -> dict:
+    """--preset NAME as a params override (what `dvc exp run -S preset=NAME` sets in params.yaml)."""
+    preset = getattr(args, "preset", None)
+    return {"preset": preset} if preset else {}
 
 
 def _ui(args: argparse.Namespace) -> None:
@@ -62,6 +68,9 @@ def _ui(args: argparse.Namespace) -> None:
     from pipeline.tracking import serve_ui
 
     raise SystemExit(serve_ui(Path("."), host=args.host, port=args.port))
+
+
+PRESET_HELP = "a recipe from presets/ laid over params.yaml (default: params.yaml's preset)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                             ("train", "train a GAN on Ray Train, logged to MLflow")]:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--dataset", required=True)
+        if name == "train":
+            sub.add_argument("--preset", help=PRESET_HELP)
         sub.set_defaults(func=_stage(name))
 
     sweep = commands.add_parser("sweep", help="Ray Tune over params.yaml's sweep.space, logged to MLflow")
+    sweep.add_argument("--preset", help=PRESET_HELP)
     sweep.set_defaults(func=_sweep)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/)")

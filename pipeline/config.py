@@ -6,13 +6,14 @@ the key, the value and what is allowed; unknown keys are errors.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from pipeline.presets import PresetError, apply_overrides, apply_preset
 
 PARAMS_FILE = "params.yaml"
 
@@ -51,6 +52,8 @@ class ModelConfig(Section):
     hidden: list[PositiveInt] = Field([256, 512, 1024], min_length=1)
     channels: PositiveInt = 64
     dropout: float = Field(0.0, ge=0, lt=1)
+    activation: Literal["leaky_relu", "relu", "tanh"] = "leaky_relu"  # mlp / toy1d hidden layers
+    spectral_norm: bool = False
 
 
 class TrainConfig(Section):
@@ -76,6 +79,7 @@ class TrainConfig(Section):
     log_every: PositiveInt = 50
     bf16: bool = False
     cuda_graph: bool = True
+    g_ema: float = Field(0.0, ge=0, lt=1)
     checkpoint_every: PositiveInt = 1
     eval_samples: PositiveInt = 5000
     seed: int = 0
@@ -159,6 +163,7 @@ class SweepConfig(Section):
 
 
 class Config(Section):
+    preset: Optional[str] = None  # applied by load_config; kept here to be logged with the run
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig
@@ -226,18 +231,6 @@ def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Config:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``raw`` with dotted keys set, e.g. {"train.lr_g": 1e-3}."""
-    out = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
@@ -250,8 +243,13 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 def load_config(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Config:
-    raw = read_params(path)
-    return validate(apply_overrides(raw, overrides or {}), source=str(path))
+    """params.yaml with ``overrides`` set, then its ``preset`` (if any) applied, validated."""
+    raw = apply_overrides(read_params(path), overrides or {})
+    try:
+        raw = apply_preset(raw, Path(path).resolve().parent)
+    except PresetError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return validate(raw, source=str(path))
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -43,7 +43,9 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
             raise FileNotFoundError(f"no generator at {path} (run `dvc repro train@{dataset}` first)")
         state = torch.load(path, map_location=device, weights_only=True)
         model_cfg = ModelConfig(**state["model"]) if "model" in state else cfg.model
-        weights = state["state_dict"] if "state_dict" in state else state["trainer"]["generator"]
+        # A training checkpoint samples with G's moving average when the run kept one.
+        weights = state["state_dict"] if "state_dict" in state else (state["trainer"].get("g_ema")
+                                                                      or state["trainer"]["generator"])
         model, _ = build_generator_and_discriminator(model_cfg, dataset)
         model.load_state_dict(weights)
         model.to(device).eval()

@@ -53,8 +53,9 @@ def output_paths(dataset: str, root: Path) -> dict[str, Path]:
 
 def build_generator_and_discriminator(m: ModelConfig, dataset: str):
     """params.yaml's model section, built for the dataset's sample shape."""
-    return build_models(m.name, shape=DATASETS[dataset].shape, latent_dim=m.latent_dim,
-                        hidden=tuple(m.hidden), channels=m.channels, dropout=m.dropout)
+    return build_models(m.name, shape=DATASETS[dataset].shape, latent_dim=m.latent_dim, hidden=tuple(m.hidden),
+                        channels=m.channels, dropout=m.dropout, activation=m.activation,
+                        spectral_norm=m.spectral_norm)
 
 
 def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
@@ -245,8 +246,7 @@ class _RankZeroLogger:
         return image_grid(trainer.sample(64, noise=trainer.fixed_noise), nrow=8)
 
     def write_outputs(self, trainer: GANTrainer, folder: Path, status: dict) -> None:
-        raw_generator = getattr(trainer.generator, "module", trainer.generator)
-        torch.save({"state_dict": raw_generator.state_dict(), "model": self.cfg.model.model_dump(),
+        torch.save({"state_dict": trainer.sampling_generator.state_dict(), "model": self.cfg.model.model_dump(),
                     "dataset": self.dataset}, folder / "generator.pt")
         save_png(self.picture(trainer), folder / "samples.png")
         (folder / STATUS_FILE).write_text(json.dumps(status, default=float))
