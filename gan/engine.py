@@ -434,6 +434,8 @@ class GANTrainer:
             self._window_steps += 1
             if self.step % self.config.log_every == 0:
                 history.append(self._read_window())
+        if self._window_steps and not self.stopped_early:
+            history.append(self._read_window())  # a partial window: every epoch logs at least one point
         means = self._read(epoch_sum / steps) if steps else {}
         self._check_finite(means)
         seconds = time.perf_counter() - start
