@@ -92,7 +92,13 @@ class Cluster:
     node2: subprocess.Popen  # `unshare` running the second node's `ray start --block`
 
     def run(self, args: list[str], check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        result = subprocess.run(args, cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=timeout)
+        process = subprocess.Popen(args, cwd=self.repo, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            end_process_tree(process)  # dvc's ganpipe and whatever it started, also on a timeout
+        result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n"
                                  f"{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
@@ -182,9 +188,13 @@ def cluster(tmp_path_factory):
         for folder in HEAD_ONLY:
             (repo / folder).mkdir(exist_ok=True)
 
+        # The cluster's own processes (Ray Train's placement-group cleaner) find it through RAY_ADDRESS,
+        # as they would through the address file `ray start` leaves in the default temp dir.
+        node_env = {**env, "RAY_ADDRESS": address}
+
         def start(name: str, args: list[str]) -> subprocess.Popen:
             log = (base / f"{name}.log").open("w")
-            process = subprocess.Popen(args, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(args, cwd=base, env=node_env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
             stack.callback(end_process_tree, process)
             stack.callback(log.close)
@@ -203,7 +213,8 @@ def cluster(tmp_path_factory):
         mounts = " && ".join(f"mount -t tmpfs tmpfs {repo / folder}" for folder in HEAD_ONLY)
         node2 = start("node2", ["unshare", "-m", "--propagation", "private", "sh", "-c",
                                 f"{mounts} && exec {' '.join(ray_start)} --address={address} "
-                                f"--node-ip-address={NODE2_IP} --dashboard-agent-listen-port={free_port()} "
+                                f"--node-ip-address={NODE2_IP} --temp-dir={base / 'ray2'} "
+                                f"--dashboard-agent-listen-port={free_port()} "
                                 f"--metrics-export-port={free_port()}"])
         subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address], env=env, check=True, timeout=120)
         wait_until(lambda: mlflow_healthy(tracking_uri), 60, "the MLflow server", server)
@@ -244,7 +255,7 @@ def test_train_on_two_nodes_end_to_end(evaluated):
     assert client.get_metric_history(run.info.run_id, "loss/d")
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert sum("samples" in path for path in images) >= 2  # a grid per epoch, uploaded through the server
-    assert {"checkpoint", "reference", "generator"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "reference", "images"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     versions = client.search_model_versions("name='ganpipe-mnist-generator'")
     assert run.info.run_id in {version.run_id for version in versions}
 
