@@ -221,11 +221,11 @@ def check_batch(batch_size: int, workers: int, train_images: int, *, batch_key: 
                 workers_key: str = "ray.num_workers") -> None:
     """The global batch splits evenly over the workers, and a worker's batch fits in its shard."""
     if batch_size < workers or batch_size % workers:
-        lower, upper = workers * max(1, batch_size // workers), workers * math.ceil(batch_size / workers)
+        nearest = sorted({workers * max(1, batch_size // workers), workers * math.ceil(batch_size / workers)})
         raise ClusterError(
             f"params.yaml: {batch_key} = {batch_size} cannot be split evenly over {workers_key} = {workers}: "
             f"each worker trains on {batch_key} / {workers_key} samples per step; use a multiple of {workers} "
-            f"(e.g. {lower if lower >= workers and lower != upper else upper})")
+            f"(e.g. {' or '.join(map(str, nearest))})")
     per_worker, shard = batch_size // workers, train_images // workers
     if per_worker > shard:
         raise ClusterError(
@@ -299,7 +299,7 @@ def _probe_node(storage: str, folder: str, token: str, tracking_uri: str) -> str
         node_id = ray.get_runtime_context().get_node_id()
         with filesystem.open_output_stream(f"{folder}/{node_id}") as out:
             out.write(b"ok")
-    except (OSError, FileNotFoundError) as err:
+    except OSError as err:
         return f"it cannot see the driver's marker ({_first_line(err)})"
     if tracking_uri.startswith(("http://", "https://")):
         try:

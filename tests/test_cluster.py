@@ -161,9 +161,9 @@ WAIT_FOR_NODES = """
 import sys, time, ray
 ray.init(address=sys.argv[1], logging_level="error")
 deadline = time.monotonic() + 90
-while sum(n["Alive"] for n in ray.nodes()) < 2:
+while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2]):
     if time.monotonic() > deadline:
-        sys.exit("the second node did not join")
+        sys.exit(f"the cluster did not reach {sys.argv[2]} nodes")
     time.sleep(0.5)
 """
 
@@ -209,14 +209,15 @@ def cluster(tmp_path_factory):
         head = start("head", [*ray_start, "--head", f"--port={gcs_port}", f"--temp-dir={base / 'ray'}",
                               f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
                               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"])
-        wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", gcs_port)) == 0, 60, "the head's GCS", head)
+        # `ray start` says so once its node is registered; a second node may only join after that.
+        wait_until(lambda: "Ray runtime started" in (base / "head.log").read_text(), 120, "the head node", head)
         mounts = " && ".join(f"mount -t tmpfs tmpfs {repo / folder}" for folder in HEAD_ONLY)
         node2 = start("node2", ["unshare", "-m", "--propagation", "private", "sh", "-c",
                                 f"{mounts} && exec {' '.join(ray_start)} --address={address} "
                                 f"--node-ip-address={NODE2_IP} --temp-dir={base / 'ray2'} "
                                 f"--dashboard-agent-listen-port={free_port()} "
                                 f"--metrics-export-port={free_port()}"])
-        subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address], env=env, check=True, timeout=120)
+        subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, "2"], env=env, check=True, timeout=150)
         wait_until(lambda: mlflow_healthy(tracking_uri), 60, "the MLflow server", server)
         yield Cluster(base, repo, env, address, tracking_uri, shared, node2)
 

@@ -72,6 +72,7 @@ def test_null_address_always_starts_a_fresh_local_ray(monkeypatch):
     import ray
 
     calls = []
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     cluster.connect(validate(project_params(ray={"address": None})))
