@@ -105,6 +105,7 @@ class RayConfig(Section):
     use_gpu: Literal["auto", True, False] = "auto"
     storage_path: str = "ray_results"
     max_failures: int = Field(2, ge=-1)
+    autoscale: bool = False  # the cluster grows on demand: wait for resources instead of failing fast
 
 
 class MlflowConfig(Section):

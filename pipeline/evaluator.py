@@ -36,9 +36,9 @@ def pick_device(use_gpu: bool | str = "auto") -> torch.device:
     return torch.device("cuda" if use_gpu is not False and torch.cuda.is_available() else "cpu")
 
 
-def load_reference(dataset: str, root: Path, device: torch.device):
-    """(evaluator, real reference) for per-epoch quality evaluation of ``dataset``."""
-    arrays = load_processed(dataset, root)
+def load_reference(dataset: str, root: Path, device: torch.device, arrays: dict[str, np.ndarray] | None = None):
+    """(evaluator, real reference) for per-epoch quality evaluation of ``dataset`` (``arrays``: its loaded npz)."""
+    arrays = load_processed(dataset, root) if arrays is None else arrays
     path = evaluator_paths(dataset, root)["model"]
     if DATASETS[dataset].kind == "toy":
         return None, torch.from_numpy(arrays["x_test"]).to(device)

@@ -25,10 +25,11 @@ import yaml
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline import tracking
+from pipeline import cluster, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, validate
+from pipeline.preprocess import load_processed
 from pipeline.search import label_searched_by, optuna_trials, scheduler, search_algorithm, search_space
-from pipeline.train import fit, init_ray, make_loop_config, resolve_use_gpu, storage_path, train_loop
+from pipeline.train import fit, make_loop_config, storage_path, train_loop
 
 OUT = Path("sweep")
 SUMMARY_METRICS = ("fid", "kid", "class_coverage")
@@ -72,29 +73,33 @@ class TuneSession:
 
 
 def run_trial(sampled: dict, setup: dict) -> None:
-    """One Tune trial. PBT may start it again with explored values and another trial's checkpoint."""
+    """One Tune trial, on any node. PBT may start it again with explored values and another trial's checkpoint.
+
+    Everything it needs comes in ``setup`` (through Ray): nothing is read from the head's disk.
+    """
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    raw_params, root = setup["params"], Path(setup["root"])
+    raw_params = setup["params"]
     cfg = trial_config(raw_params, validate(raw_params).sweep, sampled)
     client = MlflowClient(setup["tracking_uri"])
     run_id = _child_run(client, cfg, setup, trial_id)
     # Every (re)start records the values this trial trains with: PBT changes them as it explores.
     tracking.log_metrics(client, run_id, {f"hparam/{key}": float(value) for key, value in sampled.items()
                                           if isinstance(value, (int, float))}, step=0)
-    dataset, use_gpu = cfg.sweep.dataset, resolve_use_gpu(cfg.ray.use_gpu)
+    dataset, use_gpu = cfg.sweep.dataset, setup["use_gpu"]
     if cfg.sweep.scheduler == "pbt":
-        loop_config = make_loop_config(cfg, dataset, root, mlflow_run_id=run_id, tracking_uri=setup["tracking_uri"],
-                                       use_gpu=use_gpu, diverged_metrics=setup["diverged_metrics"])
+        loop_config = make_loop_config(cfg, dataset, inputs=setup["inputs"], mlflow_run_id=run_id,
+                                       tracking_uri=setup["tracking_uri"], use_gpu=use_gpu,
+                                       diverged_metrics=setup["diverged_metrics"])
         train_loop(loop_config, TuneSession(use_gpu))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    fit(cfg, dataset, root, mlflow_run_id=run_id, tracking_uri=setup["tracking_uri"],
-        ray_run_name=f"{setup['name']}-{trial_id}", callbacks=[TuneReportCallback()],
-        diverged_metrics=setup["diverged_metrics"])
+    fit(cfg, dataset, storage=setup["storage"], inputs=setup["inputs"], use_gpu=use_gpu, mlflow_run_id=run_id,
+        tracking_uri=setup["tracking_uri"], ray_run_name=f"{setup['name']}-{trial_id}",
+        callbacks=[TuneReportCallback()], diverged_metrics=setup["diverged_metrics"])
 
 
 def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
@@ -107,7 +112,8 @@ def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
     _, run_id = tracking.start_run(
         cfg, cfg.sweep.dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
         params_hash=setup["params_hash"], parent_run_id=setup["parent_run_id"],
-        name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id})
+        name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id},
+        uri=setup["tracking_uri"], git=setup["git"])
     return run_id
 
 
@@ -208,12 +214,35 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
     from ray import tune
 
     name = f"sweep-{sweep.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    uri = tracking.tracking_uri(cfg, root)
+    # Every check before the parent run exists: a bad setting leaves nothing RUNNING.
+    arrays = load_processed(sweep.dataset, root)
+    pbt = sweep.scheduler == "pbt"
+    workers = 1 if pbt else sweep.num_workers  # PBT trials are single-process
+    batch_key = "sweep.space.batch_size" if "batch_size" in sweep.space else "train.batch_size"
+    for batch_size in sweep.candidate_values().get("batch_size", [cfg.train.batch_size]):
+        cluster.check_batch(int(batch_size), workers, len(arrays["x_train"]), batch_key=batch_key,
+                            workers_key="sweep.num_workers")
+    uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
+    nodes = cluster.start(cfg)
+    use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
+    # ASHA/FIFO trials hold a token CPU share beside their TorchTrainer's workers; PBT trials train themselves.
+    share = {"CPU": 1.0, "GPU": float(use_gpu)} if pbt else {"CPU": cluster.TRIAL_CPU_SHARE}
+    concurrent = cluster.check_resources(cfg, nodes, workers=0 if pbt else workers, use_gpu=use_gpu,
+                                         key="ray.use_gpu" if pbt else "sweep.num_workers", trial=share,
+                                         trials=sweep.max_concurrent_trials)
+    if concurrent < sweep.max_concurrent_trials:
+        # More would wait for workers that only free up when a trial ends, and time out meanwhile.
+        print(f"sweep: the cluster holds {concurrent} trial(s) at a time; running {concurrent} at once "
+              f"instead of sweep.max_concurrent_trials = {sweep.max_concurrent_trials}")
+    cluster.check_shared(uri, storage, nodes)
+    inputs = cluster.put_inputs(sweep.dataset, root, arrays)
+
     client, parent_id = tracking.start_run(cfg, sweep.dataset, root, stage="sweep", ray_run_name=name,
                                            params_hash=params_hash(root / "params.yaml"), name=name)
     client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")
     worst = math.inf if sweep.mode == "min" else -math.inf
     setup = {"params": cfg.model_dump(mode="json"), "root": str(root), "tracking_uri": uri, "name": name,
+             "storage": storage, "inputs": inputs, "use_gpu": use_gpu, "git": tracking.git_state(root),
              "parent_run_id": parent_id, "experiment_id": client.get_run(parent_id).info.experiment_id,
              "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst}}
     print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
@@ -221,18 +250,14 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
     study_storage = _study_storage(cfg, Path(study_folder.name))
     try:
         searcher = search_algorithm(cfg, study_storage, name)
-        init_ray(cfg)
-        use_gpu = resolve_use_gpu(cfg.ray.use_gpu)
-        # ASHA/FIFO trials only wait on their TorchTrainer, whose workers hold the CPUs/GPUs;
-        # Tune needs some resource for the trial itself, so it takes a token share of a CPU.
-        resources = {"cpu": 1, "gpu": int(use_gpu)} if sweep.scheduler == "pbt" else {"cpu": 0.01}
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources),
+            tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                {key.lower(): amount for key, amount in share.items()}),
             param_space=search_space(cfg),
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler(cfg),
                                         search_alg=searcher, num_samples=sweep.num_samples,
-                                        max_concurrent_trials=sweep.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path(cfg, root), verbose=1),
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
         results = tuner.fit()
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(

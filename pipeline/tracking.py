@@ -65,11 +65,16 @@ def git_state(root: Path) -> dict[str, str]:
 
 def start_run(cfg: Config, dataset: str, root: Path, *, stage: str, ray_run_name: str,
               params_hash: str, parent_run_id: str | None = None, name: str | None = None,
-              extra_tags: dict[str, str] | None = None) -> tuple[MlflowClient, str]:
-    """Create the run (status RUNNING) with its tags and every param; returns (client, run_id)."""
-    client = MlflowClient(tracking_uri(cfg, root))
+              extra_tags: dict[str, str] | None = None, uri: str | None = None,
+              git: dict[str, str] | None = None) -> tuple[MlflowClient, str]:
+    """Create the run (status RUNNING) with its tags and every param; returns (client, run_id).
+
+    A sweep trial may run on another node: it passes the driver's ``uri`` and ``git``
+    state rather than looking at a disk and environment that are not the head's.
+    """
+    client = MlflowClient(uri or tracking_uri(cfg, root))
     experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
-    tags = {**git_state(root), "dvc.stage": stage, "ray.run_name": ray_run_name,
+    tags = {**(git or git_state(root)), "dvc.stage": stage, "ray.run_name": ray_run_name,
             "params.hash": params_hash, "dataset": dataset, **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id

@@ -3,11 +3,16 @@
 Driver (``run``): creates the MLflow run, fits a ``TorchTrainer`` and turns the
 final checkpoint into the DVC outputs (models/, metrics/, plots/).
 
+Before the run is created, ``pipeline.cluster`` joins Ray and checks the
+cluster (batch split, resources, shared storage_path, a reachable MLflow), then
+puts the processed arrays and the evaluator in Ray's object store: workers read
+nothing from the head's disk.
+
 Workers (``train_loop``): each holds only its shard of the data on its device,
 trains with the engine in ``gan/``, and every ``checkpoint_every`` epochs reports
-a checkpoint. Rank 0 evaluates quality and logs to MLflow. A killed worker makes
-Ray restart the group (``ray.max_failures``); it resumes from the last checkpoint
-and keeps logging into the same MLflow run.
+a checkpoint to ``ray.storage_path``. Rank 0 evaluates quality and logs to MLflow.
+A killed worker makes Ray restart the group (``ray.max_failures``); it resumes
+from the last checkpoint and keeps logging into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -24,14 +29,13 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from gan.data import DATASETS, DeviceBatches, shard
+from gan.data import DATASETS, DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.images import density_plot, image_grid, save_png
 from gan.metrics import evaluate
 from gan.models import build_models
-from pipeline import tracking
-from pipeline.config import Config, ConfigError, ModelConfig, params_hash, validate
-from pipeline.evaluator import load_reference
+from pipeline import cluster, tracking
+from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.preprocess import load_processed, processed_paths
 
 # MLflow metric keys, grouped by prefix so the UI charts them together.
@@ -132,14 +136,14 @@ def train_loop(loop_config: dict, session=None) -> None:
     """Runs on every Ray Train worker, or in a Tune trial with a single-process session."""
     session = session or RayTrainSession(loop_config["use_gpu"])
     cfg = validate(loop_config["params"])
-    dataset, root = loop_config["dataset"], Path(loop_config["root"])
+    dataset = loop_config["dataset"]
     rank, world, device = session.rank, session.world, session.device
 
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
-    x_train = torch.from_numpy(load_processed(dataset, root)["x_train"])
-    batches = DeviceBatches(shard(x_train, rank, world).to(device), cfg.train.batch_size // world,
+    batches = DeviceBatches(cluster.worker_shard(loop_config["inputs"], rank, world).to(device),
+                            cfg.train.batch_size // world,
                             seed=cfg.train.seed + rank)
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()), device=device,
                          seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers)
@@ -157,7 +161,7 @@ def train_loop(loop_config: dict, session=None) -> None:
                 history = History.load(folder)
                 print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
-    logger = _RankZeroLogger(loop_config, cfg, dataset, root, device) if rank == 0 else None
+    logger = _RankZeroLogger(loop_config, cfg, dataset, device) if rank == 0 else None
     if logger and start_epoch > 1:
         logger.client.set_tag(logger.run_id, "ganpipe.resumed_from_epoch", str(start_epoch - 1))
     started = time.perf_counter()
@@ -198,14 +202,14 @@ def train_loop(loop_config: dict, session=None) -> None:
 class _RankZeroLogger:
     """Everything only rank 0 does: quality evaluation, MLflow logging, output files."""
 
-    def __init__(self, loop_config: dict, cfg: Config, dataset: str, root: Path, device: torch.device):
+    def __init__(self, loop_config: dict, cfg: Config, dataset: str, device: torch.device):
         from mlflow.tracking import MlflowClient
 
         self.cfg, self.dataset, self.device = cfg, dataset, device
         self.toy = DATASETS[dataset].kind == "toy"
         self.client = MlflowClient(loop_config["tracking_uri"])
         self.run_id = loop_config["mlflow_run_id"]
-        self.evaluator, self.reference = load_reference(dataset, root, device)
+        self.evaluator, self.reference = cluster.worker_reference(loop_config["inputs"], dataset, device)
         self.eval_samples = cfg.train.eval_samples
 
     def epoch_end(self, trainer: GANTrainer, result, epoch: int, history: History, world: int) -> dict:
@@ -252,26 +256,10 @@ class _RankZeroLogger:
         (folder / STATUS_FILE).write_text(json.dumps(status, default=float))
 
 
-def resolve_use_gpu(setting: bool | str) -> bool:
-    return torch.cuda.is_available() if setting == "auto" else bool(setting)
-
-
-def init_ray(cfg: Config) -> None:
-    """Start or join Ray with its console noise down: warnings, and each print once."""
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # the patch logs every print a second time
-    if not ray.is_initialized():
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
-        ray.init(address=cfg.ray.address, logging_level="warning")
-
-
-def make_loop_config(cfg: Config, dataset: str, root: Path, *, mlflow_run_id: str, tracking_uri: str,
+def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
                      use_gpu: bool, diverged_metrics: dict | None = None) -> dict:
-    """What every worker needs: plain data, since Ray pickles it to each process."""
-    return {"params": cfg.model_dump(mode="json"), "dataset": dataset, "root": str(root),
+    """What every worker needs: plain values and object-store references (``cluster.put_inputs``)."""
+    return {"params": cfg.model_dump(mode="json"), "dataset": dataset, "inputs": inputs,
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "use_gpu": use_gpu,
             "diverged_metrics": diverged_metrics or {}}
 
@@ -284,26 +272,26 @@ def storage_path(cfg: Config, root: Path) -> str:
     return str(path if path.is_absolute() else (root / path).resolve())
 
 
-def fit(cfg: Config, dataset: str, root: Path, *, mlflow_run_id: str, tracking_uri: str, ray_run_name: str,
-        callbacks: list | None = None, diverged_metrics: dict | None = None):
+def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool, mlflow_run_id: str,
+        tracking_uri: str, ray_run_name: str, callbacks: list | None = None, diverged_metrics: dict | None = None):
     """One TorchTrainer fit; returns the Ray Result (its checkpoint holds rank 0's outputs)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    use_gpu = resolve_use_gpu(cfg.ray.use_gpu)
-    if use_gpu and cfg.ray.address is None and cfg.ray.num_workers > torch.cuda.device_count():
-        # Ray would wait forever for GPUs this machine does not have (one whole GPU per DDP worker).
-        raise ConfigError(f"params.yaml: ray.num_workers = {cfg.ray.num_workers} needs as many GPUs, and this "
-                          f"machine has {torch.cuda.device_count()}: set ray.num_workers to at most that")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=make_loop_config(cfg, dataset, root, mlflow_run_id=mlflow_run_id,
+        train_loop_config=make_loop_config(cfg, dataset, inputs=inputs, mlflow_run_id=mlflow_run_id,
                                            tracking_uri=tracking_uri, use_gpu=use_gpu,
                                            diverged_metrics=diverged_metrics),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=cluster.worker_resources(use_gpu)),
         run_config=ray.train.RunConfig(
-            name=ray_run_name, storage_path=storage_path(cfg, root), callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            name=ray_run_name, storage_path=storage, callbacks=callbacks,
+            # A finite controller budget: a worker group that can never be placed ends the run
+            # instead of retrying forever; an autoscaling cluster may take its time.
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.ray.max_failures,
+                controller_failure_limit=-1 if cfg.ray.autoscale else cluster.CONTROLLER_FAILURE_LIMIT),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -320,13 +308,21 @@ def read_status(result) -> dict:
 def run(cfg: Config, dataset: str, root: Path = Path(".")) -> dict:
     root = root.resolve()
     ray_run_name = f"train-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    uri = tracking.tracking_uri(cfg, root)
+    # Every check before the MLflow run exists: a bad setting leaves nothing RUNNING.
+    arrays = load_processed(dataset, root)
+    cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, len(arrays["x_train"]))
+    uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
+    nodes = cluster.start(cfg)
+    use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
+    cluster.check_resources(cfg, nodes, workers=cfg.ray.num_workers, use_gpu=use_gpu, key="ray.num_workers")
+    cluster.check_shared(uri, storage, nodes)
+    inputs = cluster.put_inputs(dataset, root, arrays)
     client, run_id = tracking.start_run(cfg, dataset, root, stage=f"train@{dataset}", ray_run_name=ray_run_name,
                                         params_hash=params_hash(root / "params.yaml"))
     print(f"train@{dataset}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
     try:
-        init_ray(cfg)
-        result = fit(cfg, dataset, root, mlflow_run_id=run_id, tracking_uri=uri, ray_run_name=ray_run_name)
+        result = fit(cfg, dataset, storage=storage, inputs=inputs, use_gpu=use_gpu, mlflow_run_id=run_id,
+                     tracking_uri=uri, ray_run_name=ray_run_name)
         status = read_status(result)
         if status["status"] == "failed":
             raise RuntimeError(status["reason"])

@@ -1,0 +1,351 @@
+"""Ray for the training stages: join the cluster params.yaml names, check it, hand workers their inputs.
+
+Rule of the cluster: nothing a Ray worker or Tune trial needs is read from the
+head's disk. The driver (on the head, where DVC runs) loads the processed arrays
+and the evaluator once and puts them in Ray's object store; the references travel
+in the loop config, so every worker, every trial and every restarted worker group
+gets them from Ray. Checkpoints travel through ``ray.storage_path``, metrics and
+artifacts through MLflow.
+
+Everything here runs before the MLflow run is created: a setting the cluster
+cannot honour stops the stage with one line naming the key, and nothing is left
+RUNNING.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gan.data import DATASETS, shard
+from pipeline.config import Config, ConfigError
+from pipeline.evaluator import load_reference
+
+CONNECT_TIMEOUT_S = 60
+PROBE_TIMEOUT_S = 60
+# An ASHA/FIFO trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs;
+# Tune needs some resource for the trial itself, so it takes this share of a CPU.
+TRIAL_CPU_SHARE = 0.01
+# Controller failures (e.g. a worker group that cannot be placed) a run may retry;
+# Ray's default is unlimited, which turns an impossible request into a hang.
+CONTROLLER_FAILURE_LIMIT = 3
+
+
+class ClusterError(ConfigError):
+    """A cluster setting that cannot work; one line naming the key and the fix."""
+
+
+# --------------------------------------------------------------------------- connect
+
+
+def connect(cfg: Config) -> None:
+    """Start or join Ray as ``ray.address`` says, with its console noise down.
+
+    null starts a fresh local Ray every time (``address="local"``): a plain
+    ``ray.init()`` would join, or hang on, whatever cluster ``ray start`` left on
+    this machine. Anything else joins an existing cluster, or fails within about
+    a minute naming ``ray.address`` and what was tried.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # the patch logs every print a second time
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address
+    if address is None:
+        ray.init(address="local", logging_level="warning")
+        return
+    target = resolve_address(address)
+    wait_for_port(address, target, CONNECT_TIMEOUT_S)
+    try:
+        ray.init(address=address, logging_level="warning")
+    except Exception as err:  # Ray raises ConnectionError, RuntimeError or AuthenticationError here
+        hint = " (is RAY_AUTH_TOKEN the cluster's token?)" if "auth" in str(err).lower() else ""
+        raise ClusterError(f"params.yaml: ray.address = {address!r}: could not join the Ray cluster at "
+                           f"{target[0]}:{target[1]}{hint}: {_first_line(err)}") from None
+
+
+def resolve_address(address: str) -> tuple[str, int]:
+    """(host, port) that ``address`` points at; ``auto`` reads RAY_ADDRESS or the last ``ray start``."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    where = address.split("://", 1)[1] if address.startswith("ray://") else address
+    try:
+        if address == "auto":
+            where = canonicalize_bootstrap_address("auto")
+            if where is None:
+                raise ConnectionError("no running cluster found")
+        host, _, port = where.rpartition(":")
+        return host, int(port)
+    except (ConnectionError, ValueError) as err:
+        tried = ("RAY_ADDRESS and the address `ray start` records on this machine" if address == "auto"
+                 else "host:port, auto or ray://host:port")
+        raise ClusterError(f"params.yaml: ray.address = {address!r}: {_first_line(err)} (looked for: {tried}); "
+                           "set ray.address: null to start a local Ray") from None
+
+
+def wait_for_port(address: str, target: tuple[str, int], timeout_s: float) -> None:
+    """Wait until something listens at ``target``; Ray itself would retry for minutes, silently."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(target, timeout=5).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"params.yaml: ray.address = {address!r}: no Ray cluster answered at {target[0]}:{target[1]} "
+                    f"within {timeout_s:.0f} s ({err.strerror or err}); start one with `ray start --head` "
+                    "(README: On a GPU cluster) or set ray.address: null for a local Ray") from None
+            time.sleep(1)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str
+    address: str
+    resources: dict[str, float]
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.node_id[:8]})"
+
+
+def alive_nodes() -> list[Node]:
+    import ray
+
+    return [Node(n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"])) for n in ray.nodes() if n["Alive"]]
+
+
+def worker_resources(use_gpu: bool) -> dict[str, float]:
+    """What one Ray Train worker asks for: one whole GPU (NCCL cannot share one), else one CPU."""
+    return {"GPU": 1.0} if use_gpu else {"CPU": 1.0}
+
+
+def _take(free: dict[str, float], need: dict[str, float]) -> bool:
+    if any(free.get(key, 0.0) + 1e-9 < amount for key, amount in need.items()):
+        return False
+    for key, amount in need.items():
+        free[key] = free.get(key, 0.0) - amount
+    return True
+
+
+def _place(free: list[dict], workers: int, worker: dict, trial: dict | None) -> bool:
+    """Place one trial's share (on the node that leaves most room) and its workers, or change nothing."""
+    for node in (range(len(free)) if trial else [None]):
+        attempt = [dict(resources) for resources in free]
+        if node is not None and not _take(attempt[node], trial):
+            continue
+        placed = 0
+        for resources in attempt:
+            while placed < workers and _take(resources, worker):
+                placed += 1
+        if placed == workers:
+            free[:] = attempt
+            return True
+    return False
+
+
+def concurrent_capacity(nodes: list[Node], workers: int, worker: dict, trial: dict | None = None,
+                        limit: int = 1) -> int:
+    """How many runs (a trial's own share plus ``workers`` workers each) fit at once, up to ``limit``."""
+    free = [dict(node.resources) for node in nodes]
+    count = 0
+    while count < limit and _place(free, workers, worker, trial):
+        count += 1
+    return count
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    return " + ".join(f"{amount:g} {key}" for key, amount in resources.items() if amount) or "nothing"
+
+
+def _describe(nodes: list[Node]) -> str:
+    return "; ".join(f"{node} {_amounts({k: node.resources.get(k, 0) for k in ('CPU', 'GPU')})}" for node in nodes)
+
+
+def check_resources(cfg: Config, nodes: list[Node], *, workers: int, use_gpu: bool, key: str,
+                    trial: dict | None = None, trials: int = 1) -> int:
+    """How many runs may go at once (at most ``trials``); stops when not even one can ever be placed.
+
+    A run is ``workers`` Ray Train workers, plus ``trial`` (a Tune trial's own
+    share) when it runs inside a sweep. Ray would wait for an impossible request
+    (Train V2: 60 s per worker-group attempt, then retries), so compare it with
+    what the nodes hold. An autoscaling cluster may still grow: there, wait as Ray does.
+    """
+    worker = worker_resources(use_gpu)
+    if cfg.ray.autoscale:
+        print(f"ray.autoscale: true: waiting for the cluster to provide {workers} x ({_amounts(worker)}) as needed")
+        return trials
+    fits = concurrent_capacity(nodes, workers, worker, trial, limit=trials)
+    if fits == 0:
+        parts = [f"{workers} worker(s) of {_amounts(worker)}"] if workers else []
+        parts += [f"the Tune trial's own {_amounts(trial)}"] if trial else []
+        request = " plus ".join(parts)
+        raise ClusterError(
+            f"params.yaml: {key}: a run needs {request} on the cluster's nodes, which can never hold it "
+            f"(nodes: {_describe(nodes)}): lower {key}{', set ray.use_gpu: false' if use_gpu else ''}, add nodes, "
+            "or set ray.autoscale: true on an autoscaling cluster")
+    return fits
+
+
+def start(cfg: Config) -> list[Node]:
+    """Connect as ``ray.address`` says; the cluster's live nodes."""
+    connect(cfg)
+    return alive_nodes()
+
+
+def check_shared(tracking_uri: str, storage: str, nodes: list[Node]) -> None:
+    """On a multi-node cluster: MLflow must be a server, and every node must share storage_path."""
+    check_tracking_store(tracking_uri, nodes)
+    probe_nodes(storage, tracking_uri, nodes)
+
+
+def check_batch(batch_size: int, workers: int, train_images: int, *, batch_key: str = "train.batch_size",
+                workers_key: str = "ray.num_workers") -> None:
+    """The global batch splits evenly over the workers, and a worker's batch fits in its shard."""
+    if batch_size < workers or batch_size % workers:
+        nearest = sorted({workers * max(1, batch_size // workers), workers * math.ceil(batch_size / workers)})
+        raise ClusterError(
+            f"params.yaml: {batch_key} = {batch_size} cannot be split evenly over {workers_key} = {workers}: "
+            f"each worker trains on {batch_key} / {workers_key} samples per step; use a multiple of {workers} "
+            f"(e.g. {' or '.join(map(str, nearest))})")
+    per_worker, shard = batch_size // workers, train_images // workers
+    if per_worker > shard:
+        raise ClusterError(
+            f"params.yaml: {batch_key} = {batch_size} gives each of the {workers} workers {per_worker} samples per "
+            f"step, more than its shard of {shard} training images ({train_images} / {workers}): lower "
+            f"{batch_key} or {workers_key}")
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def check_tracking_store(uri: str, nodes: list[Node]) -> None:
+    """A store on the head's disk cannot take rank 0's logging from another node."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    if len(nodes) > 1 and scheme in ("sqlite", "file"):
+        raise ClusterError(
+            f"params.yaml: mlflow.tracking_uri: {uri!r} is a store on this machine's disk, and rank 0 may run on any "
+            f"of the cluster's {len(nodes)} nodes: start an MLflow server every node reaches (README: On a GPU "
+            "cluster) and set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to its http:// URL")
+
+
+def probe_nodes(storage: str, tracking_uri: str, nodes: list[Node]) -> None:
+    """On a multi-node cluster, a tiny task on every node proves it shares storage_path and reaches MLflow.
+
+    The driver writes a marker under storage_path; each node's task must read it
+    and write its own, which the driver must then see.
+    """
+    if len(nodes) < 2:
+        return
+    import ray
+    from pyarrow import fs as pafs
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    filesystem, base = pafs.FileSystem.from_uri(storage)
+    folder = f"{base.rstrip('/')}/.ganpipe-probe-{uuid.uuid4().hex[:12]}"
+    token = uuid.uuid4().hex
+    filesystem.create_dir(folder, recursive=True)
+    try:
+        with filesystem.open_output_stream(f"{folder}/driver") as out:
+            out.write(token.encode())
+        probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+        pending = {node.node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node.node_id, soft=False)).remote(storage, folder, token, tracking_uri) for node in nodes}
+        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
+        for node in nodes:
+            ref = pending[node.node_id]
+            problem = ray.get(ref) if ref in ready else f"its probe task did not run within {PROBE_TIMEOUT_S} s"
+            if not problem and filesystem.get_file_info(f"{folder}/{node.node_id}").type == pafs.FileType.NotFound:
+                problem = "the driver cannot see what it wrote there"
+            if problem.startswith("mlflow:"):
+                raise ClusterError(f"params.yaml: mlflow.tracking_uri = {tracking_uri!r}: the node at {node} "
+                                   f"{problem.removeprefix('mlflow: ')}: use an address every node reaches")
+            if problem:
+                raise ClusterError(
+                    f"params.yaml: ray.storage_path = {storage!r} is not shared: the node at {node}: {problem}; "
+                    "every node must see one store: an NFS mount at the same path on every node, or s3://...")
+    finally:
+        filesystem.delete_dir(folder)
+
+
+def _probe_node(storage: str, folder: str, token: str, tracking_uri: str) -> str:
+    """Runs on one node: '' when it sees the driver's marker, wrote its own and reached MLflow."""
+    import ray
+    from pyarrow import fs as pafs
+
+    try:
+        filesystem, _ = pafs.FileSystem.from_uri(storage)
+        with filesystem.open_input_stream(f"{folder}/driver") as marker:
+            if marker.read().decode() != token:
+                return "it sees another driver marker at the same path"
+        node_id = ray.get_runtime_context().get_node_id()
+        with filesystem.open_output_stream(f"{folder}/{node_id}") as out:
+            out.write(b"ok")
+    except OSError as err:
+        return f"it cannot see the driver's marker ({_first_line(err)})"
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10).close()
+        except OSError as err:
+            return f"mlflow: cannot reach the MLflow server ({_first_line(err)})"
+    return ""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def put_inputs(dataset: str, root: Path, arrays: dict[str, np.ndarray]) -> dict:
+    """The driver's inputs for every worker, as object-store references (read from disk once, here).
+
+    ``x_train``: the processed training images; a node pulls them once and its
+    workers share that copy, each keeping only its shard on its device.
+    ``reference``: (evaluator network, real reference features) for rank 0's
+    quality evaluation, computed once on the driver's CPU.
+    """
+    import ray
+
+    return {"x_train": ray.put(arrays["x_train"]),
+            "reference": ray.put(load_reference(dataset, root, torch.device("cpu"), arrays))}
+
+
+def worker_shard(inputs: dict, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous, equal-sized slice of the training images, as a tensor it owns."""
+    import ray
+
+    # A copy: object-store arrays are read-only, and the slice should not pin the whole array.
+    return torch.from_numpy(np.array(shard(ray.get(inputs["x_train"]), rank, world)))
+
+
+def worker_reference(inputs: dict, dataset: str, device: torch.device):
+    """(evaluator, reference) on ``device`` for rank 0."""
+    import ray
+
+    evaluator, reference = ray.get(inputs["reference"])
+    if DATASETS[dataset].kind == "toy":
+        return None, reference.to(device)
+    return evaluator.to(device).eval(), replace(reference, features=reference.features.to(device))
+
+
+def resolve_use_gpu(setting: bool | str, nodes: list[Node]) -> bool:
+    """ray.use_gpu: auto means GPUs if the cluster has any (the head itself may have none)."""
+    if setting == "auto":
+        return any(node.resources.get("GPU", 0) > 0 for node in nodes)
+    return bool(setting)

@@ -1,0 +1,349 @@
+"""A real two-node Ray cluster on one machine, with an MLflow server: the rule of the cluster, proven.
+
+The head (`ray start --head --num-cpus=1`, its own temp dir) runs where DVC runs.
+The second node (1 CPU, at 127.0.0.2) lives in its own mount namespace (`unshare -m`)
+where the project's data/, models/ and mlruns/ are empty tmpfs mounts: a worker there
+that read the head's files would fail. A 2-worker run puts one worker on each node.
+Both nodes share a storage_path directory, and token authentication is on.
+
+Every process started here is ended by its pid, in a `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from conftest import VENV_BIN, make_dvc_repo, project_params, serve_mirror, tool_env
+
+pytestmark = pytest.mark.integration
+
+REQUIRED = os.environ.get("GANPIPE_REQUIRE_CLUSTER") == "1"
+HEAD_ONLY = ("data", "models", "mlruns")  # what the second node must not see
+NODE2_IP = "127.0.0.2"
+TRAIN_IMAGES = 300  # the synthetic fixture's training split
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def namespaces_unavailable() -> str | None:
+    """Why a private mount namespace with tmpfs mounts cannot be made here, or None when it can."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "tmpfs",
+                                    folder], capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            return "`unshare` is not installed"
+        if probe.returncode != 0:
+            return f"`unshare -m` + `mount -t tmpfs` are not permitted here: {probe.stderr.strip()}"
+    return None
+
+
+def end_process_tree(process: subprocess.Popen) -> None:
+    """SIGTERM the process, then SIGKILL it and every descendant it had, each by its pid."""
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
+@dataclass
+class Cluster:
+    base: Path
+    repo: Path
+    env: dict[str, str]
+    address: str
+    tracking_uri: str
+    shared: Path  # storage both nodes see
+    node2: subprocess.Popen  # `unshare` running the second node's `ray start --block`
+
+    def run(self, args: list[str], check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        process = subprocess.Popen(args, cwd=self.repo, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            end_process_tree(process)  # dvc's ganpipe and whatever it started, also on a timeout
+        result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n"
+                                 f"{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
+        return result
+
+    def node2_processes(self) -> list[psutil.Process]:
+        return psutil.Process(self.node2.pid).children(recursive=True)
+
+    def node2_sees(self, relative: str) -> bool:
+        """Whether a path of the project exists in the second node's mount namespace."""
+        raylet = next(p for p in self.node2_processes() if p.name() == "raylet")
+        return Path(f"/proc/{raylet.pid}/root{self.repo / relative}").exists()
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def write_params(self, name: str, **sections) -> str:
+        params = yaml.safe_load((self.repo / "params.yaml").read_text())
+        for section, values in sections.items():
+            params[section] = {**params.get(section, {}), **values}
+        (self.repo / name).write_text(yaml.safe_dump(params, sort_keys=False))
+        return name
+
+
+def cluster_params(mirror_url: str, address: str, tracking_uri: str, storage: Path) -> dict:
+    params = project_params(
+        data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
+        model={"name": "dcgan", "channels": 8, "latent_dim": 16},
+        train={"epochs": 2, "batch_size": 64, "eval_samples": 200, "log_every": 2},
+        evaluator={"epochs": 3, "batch_size": 32},
+        ray={"address": address, "num_workers": 2, "use_gpu": False, "max_failures": 2,
+             "storage_path": str(storage / "ray_results")},
+        mlflow={"tracking_uri": tracking_uri},
+    )
+    params["sweep"] = {"dataset": "mnist", "space": {"lr_d": [2e-4, 1e-3]}, "num_samples": 1,
+                       "scheduler": "asha", "metric": "fid", "epochs": 2, "grace_period": 1,
+                       "reduction_factor": 2, "num_workers": 1, "max_concurrent_trials": 2, "seed": 0}
+    return params
+
+
+def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, f"{what}: the process ended (rc {process.returncode})"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def mlflow_healthy(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+WAIT_FOR_NODES = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="error")
+deadline = time.monotonic() + 90
+while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2]):
+    if time.monotonic() > deadline:
+        sys.exit(f"the cluster did not reach {sys.argv[2]} nodes")
+    time.sleep(0.5)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = namespaces_unavailable()
+    if why:
+        if REQUIRED:
+            pytest.fail(f"GANPIPE_REQUIRE_CLUSTER=1 but {why}")
+        pytest.skip(why)
+    base = tmp_path_factory.mktemp("cluster")
+    shared = base / "shared"
+    gcs_port, mlflow_port = free_port(), free_port()
+    address, tracking_uri = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{mlflow_port}"
+    # One token for the whole cluster, as on a real one (README: token authentication).
+    env = {**tool_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    with ExitStack() as stack:
+        mirror = stack.enter_context(serve_mirror())
+        repo = make_dvc_repo(base / "repo", cluster_params(mirror.url, address, tracking_uri, shared))
+        for folder in HEAD_ONLY:
+            (repo / folder).mkdir(exist_ok=True)
+
+        # The cluster's own processes (Ray Train's placement-group cleaner) find it through RAY_ADDRESS,
+        # as they would through the address file `ray start` leaves in the default temp dir.
+        node_env = {**env, "RAY_ADDRESS": address}
+
+        def start(name: str, args: list[str]) -> subprocess.Popen:
+            log = (base / f"{name}.log").open("w")
+            process = subprocess.Popen(args, cwd=base, env=node_env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            stack.callback(end_process_tree, process)
+            stack.callback(log.close)
+            return process
+
+        server = start("mlflow", [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1",
+                                  "--port", str(mlflow_port), "--workers", "1",
+                                  "--backend-store-uri", f"sqlite:///{base / 'server' / 'mlflow.db'}",
+                                  "--artifacts-destination", str(base / "server" / "artifacts")])
+        (base / "server").mkdir()
+        ray_start = [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", "--disable-usage-stats"]
+        head = start("head", [*ray_start, "--head", f"--port={gcs_port}", f"--temp-dir={base / 'ray'}",
+                              f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
+                              f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"])
+        # `ray start` says so once its node is registered; a second node may only join after that.
+        wait_until(lambda: "Ray runtime started" in (base / "head.log").read_text(), 120, "the head node", head)
+        mounts = " && ".join(f"mount -t tmpfs tmpfs {repo / folder}" for folder in HEAD_ONLY)
+        node2 = start("node2", ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                f"{mounts} && exec {' '.join(ray_start)} --address={address} "
+                                f"--node-ip-address={NODE2_IP} --temp-dir={base / 'ray2'} "
+                                f"--dashboard-agent-listen-port={free_port()} "
+                                f"--metrics-export-port={free_port()}"])
+        subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, "2"], env=env, check=True, timeout=150)
+        wait_until(lambda: mlflow_healthy(tracking_uri), 60, "the MLflow server", server)
+        yield Cluster(base, repo, env, address, tracking_uri, shared, node2)
+
+
+@pytest.fixture(scope="module")
+def evaluated(cluster) -> Cluster:
+    """The head has the processed data and the evaluator (DVC outputs); the second node has neither."""
+    cluster.run(["dvc", "repro", "evaluator@mnist"])
+    assert (cluster.repo / "data/processed/mnist.npz").exists()
+    assert not cluster.node2_sees("data/processed/mnist.npz") and not cluster.node2_sees("models/evaluator")
+    return cluster
+
+
+def runs_on_server(cluster: Cluster) -> list:
+    client = cluster.client()
+    experiment = client.get_experiment_by_name("ganpipe-mnist")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_train_on_two_nodes_end_to_end(evaluated):
+    cluster = evaluated
+    result = cluster.run(["dvc", "repro", "train@mnist"])
+    assert "epoch 2/2" in result.stdout + result.stderr
+
+    summary = json.loads((cluster.repo / "metrics/mnist/train.json").read_text())  # DVC outputs on the head
+    assert summary["status"] == "completed" and summary["epoch"] == 2 and summary["fid"] > 0
+    for output in ("models/mnist/generator.pt", "models/mnist/checkpoint.pt", "plots/mnist/samples.png"):
+        assert (cluster.repo / output).stat().st_size > 0, output
+    assert list(pd.read_csv(cluster.repo / "plots/mnist/quality.csv")["epoch"]) == [1, 2]
+    assert not cluster.node2_sees("models/mnist")
+
+    client = cluster.client()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["dvc.stage"] == "train@mnist"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "quality/fid")) == [1, 2]
+    assert client.get_metric_history(run.info.run_id, "loss/d")
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert sum("samples" in path for path in images) >= 2  # a grid per epoch, uploaded through the server
+    assert {"checkpoint", "reference", "images"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    versions = client.search_model_versions("name='ganpipe-mnist-generator'")
+    assert run.info.run_id in {version.run_id for version in versions}
+
+
+def test_sweep_on_two_nodes(evaluated):
+    cluster = evaluated
+    result = cluster.run(["dvc", "repro", "sweep"])
+    # Each trial holds 0.01 CPU beside its 1-CPU worker: two 1-CPU nodes hold one trial at a time.
+    assert "the cluster holds 1 trial(s) at a time" in result.stdout
+
+    table = pd.read_csv(cluster.repo / "sweep/results.csv")
+    assert len(table) == 2 and set(table["status"]) <= {"completed", "stopped_early"}
+    assert table["fid"].notna().all()
+    summary = json.loads((cluster.repo / "metrics/sweep.json").read_text())
+    assert summary["trials"] == 2 and summary["failed"] == 0
+
+    runs = runs_on_server(cluster)
+    parent = next(r for r in runs if r.info.run_name.startswith("sweep-mnist-"))
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and {child.info.status for child in children} == {"FINISHED"}
+    assert {child.info.run_id for child in children} == set(table["mlflow_run_id"])
+    for child in children:
+        assert cluster.client().get_metric_history(child.info.run_id, "quality/fid")
+
+
+def test_killed_worker_on_second_node_resumes_from_shared_storage(evaluated):
+    cluster = evaluated
+    storage = cluster.shared / "resume"
+    params = cluster.write_params("resume.yaml", train={"epochs": 5, "eval_samples": 1000},
+                                  ray={"storage_path": str(storage)})
+    process = subprocess.Popen(["ganpipe", "--params", params, "train", "--dataset", "mnist"], cwd=cluster.repo,
+                               env=cluster.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        # A second checkpoint folder in the shared storage means Ray has registered the first one.
+        wait_until(lambda: len(list(storage.glob("*/checkpoint_*"))) >= 2, 300, "a registered checkpoint", process)
+        workers = [p for p in cluster.node2_processes() if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 1, "one of the two workers runs on the second node"
+        workers[0].send_signal(signal.SIGKILL)
+        output, _ = process.communicate(timeout=600)
+    finally:
+        end_process_tree(process)
+    assert process.returncode == 0, output[-5000:]
+
+    summary = json.loads((cluster.repo / "metrics/mnist/train.json").read_text())
+    assert summary["epoch"] == 5 and summary["status"] == "completed"
+    client = cluster.client()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["ganpipe.resumed_from_epoch"]) >= 1  # from the checkpoint, not from scratch
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "quality/fid")} == {1, 2, 3, 4, 5}
+
+
+BAD_SETTINGS = {
+    "storage_not_shared": ({"ray": {"storage_path": "models/ray_results"}}, "train",
+                           [f"ray.storage_path = '{{repo}}/models/ray_results' is not shared: the node at {NODE2_IP}",
+                            "NFS", "s3://"]),
+    "sqlite_store": ({"mlflow": {"tracking_uri": None}}, "train",
+                     ["mlflow.tracking_uri: 'sqlite:///", "any of the cluster's 2 nodes", "http://"]),
+    "batch_not_divisible": ({"train": {"batch_size": 63}}, "train",
+                            ["train.batch_size = 63 cannot be split evenly over ray.num_workers = 2"]),
+    "batch_below_workers": ({"train": {"batch_size": 1}}, "train",
+                            ["train.batch_size = 1 cannot be split evenly over ray.num_workers = 2"]),
+    "batch_over_shard": ({"train": {"batch_size": 400}}, "train",
+                         [f"more than its shard of {TRAIN_IMAGES // 2} training images"]),
+    "too_many_workers": ({"ray": {"num_workers": 3}}, "train",
+                         ["ray.num_workers: a run needs 3 worker(s) of 1 CPU", "can never hold it", NODE2_IP]),
+    "gpus_on_cpu_cluster": ({"ray": {"use_gpu": True}}, "train",
+                            ["ray.num_workers: a run needs 2 worker(s) of 1 GPU", "set ray.use_gpu: false"]),
+    "sweep_trial_share": ({"sweep": {"num_workers": 2}}, "sweep",
+                          ["sweep.num_workers: a run needs 2 worker(s) of 1 CPU plus the Tune trial's own 0.01 CPU"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_cluster_setting_stops_before_training(evaluated, case):
+    cluster = evaluated
+    sections, stage, messages = BAD_SETTINGS[case]
+    params = cluster.write_params(f"{case}.yaml", **sections)
+    runs_before = len(runs_on_server(cluster))
+    command = ["ganpipe", "--params", params, stage] + (["--dataset", "mnist"] if stage == "train" else [])
+    result = cluster.run(command, check=False, timeout=300)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith(f"ganpipe {stage}: error: params.yaml:")]
+    assert len(error) == 1, result.stderr[-3000:]
+    for message in messages:
+        assert message.format(repo=cluster.repo) in error[0]
+    assert "Traceback" not in result.stderr and "epoch 1/" not in result.stdout
+    assert len(runs_on_server(cluster)) == runs_before  # no MLflow run created, so none left RUNNING
