@@ -7,7 +7,8 @@ that Tune can hand from trial to trial: it runs single-process trials through a
 plain Tune function and ``ray.tune.Checkpoint``.
 
 MLflow: a parent run ``sweep-<dataset>-<date>`` with one child run per trial.
-DVC: sweep/results.csv, sweep/best_params.yaml, metrics/sweep.json and two figures.
+DVC: sweep/results.csv, sweep/best_params.yaml, sweep/summary.json, two figures,
+and the few figures users compare across experiments as the metric metrics/sweep.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from PIL import Image
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, read_params, validate
+from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.train import fit, init_ray, make_loop_config, resolve_use_gpu, storage_path, train_loop
 
 OUT = Path("sweep")
@@ -36,7 +38,7 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"  # where TuneReportCallback puts a trial
 def output_paths(root: Path) -> dict[str, Path]:
     return {"results": root / OUT / "results.csv", "best": root / OUT / "best_params.yaml",
             "figure": root / OUT / "metric_vs_lr.png", "grid": root / OUT / "best_vs_worst.png",
-            "metrics": root / "metrics" / "sweep.json"}
+            "summary": root / OUT / "summary.json", "metrics": root / "metrics" / "sweep.json"}
 
 
 def search_space(cfg: Config) -> dict:
@@ -123,7 +125,7 @@ def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
     _, run_id = tracking.start_run(
         cfg, cfg.sweep.dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
         params_hash=setup["params_hash"], parent_run_id=setup["parent_run_id"],
-        name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id})
+        name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id, **setup["lineage"]})
     return run_id
 
 
@@ -244,7 +246,8 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
     worst = math.inf if sweep.mode == "min" else -math.inf
     setup = {"params": read_params(root / "params.yaml"), "root": str(root), "tracking_uri": uri, "name": name,
              "parent_run_id": parent_id, "experiment_id": client.get_run(parent_id).info.experiment_id,
-             "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst}}
+             "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst},
+             "lineage": tracking.lineage_tags()}  # trials may run where DVC_EXP_NAME is not set
     print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
     try:
         init_ray(cfg)
@@ -252,13 +255,17 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
         # ASHA/FIFO trials only wait on their TorchTrainer, whose workers hold the CPUs/GPUs;
         # Tune needs some resource for the trial itself, so it takes a token share of a CPU.
         resources = {"cpu": 1, "gpu": int(use_gpu)} if sweep.scheduler == "pbt" else {"cpu": 0.01}
+        # On a terminal a bar of trials done and the best metric replaces Tune's periodic status tables.
+        progress = [sweep_callback(trial_count(sweep.space, sweep.num_samples, sweep.scheduler), sweep.metric,
+                                   sweep.mode)] if on_terminal() else []
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources),
             param_space=search_space(cfg),
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=_scheduler(cfg),
                                         num_samples=sweep.num_samples,
                                         max_concurrent_trials=sweep.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path(cfg, root), verbose=1),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path(cfg, root), callbacks=progress,
+                                      verbose=0 if progress else 1),
         )
         results = tuner.fit()
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
@@ -300,7 +307,9 @@ def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
         "diverged": int((table["status"] == "diverged").sum()), "failed": int((table["status"] == "failed").sum()),
         "epochs_run": int(epochs_run), "budget_saved": round(1 - epochs_run / (len(table) * sweep.epochs), 4),
     }
-    paths["metrics"].write_text(json.dumps(summary, indent=2) + "\n")
+    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    comparable = (f"best_{sweep.metric}", "best_mlflow_run_id", "trials", "budget_saved")
+    paths["metrics"].write_text(json.dumps({key: summary[key] for key in comparable}, indent=2) + "\n")
     print(table.drop(columns=["checkpoint", "error"]).to_string(index=False))
     command = " ".join(f"-S train.{key}={value}" for key, value in overrides.items())
     print(f"\nbest {sweep.metric} {best[sweep.metric]:.4f} (trial {best['trial_id']}); "

@@ -22,6 +22,9 @@ from pipeline.config import Config, flatten
 
 TAG_STATUS = "ganpipe.status"            # completed | stopped_early | diverged | failed
 TAG_FAILURE = "ganpipe.failure_reason"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says otherwise.
+TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+TAG_DVC_EXPERIMENT = "dvc.exp_name"        # DVC_EXP_NAME, set by `dvc exp run`
 
 
 def tracking_uri(cfg: Config, root: Path) -> str:
@@ -44,13 +47,16 @@ def run_name(cfg: Config) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, root: Path) -> str:
+    """The experiment's id, created if need be; marked as model training, also when an older version made it."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if TAG_EXPERIMENT_KIND not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
         return experiment.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:"):
         location = (root / "mlruns").resolve().as_uri()  # artifacts beside the DB, not in cwd
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: TRAINING_KIND})
 
 
 def git_state(root: Path) -> dict[str, str]:
@@ -63,13 +69,19 @@ def git_state(root: Path) -> dict[str, str]:
     return {"git.commit": commit or "unknown", "git.dirty": str(dirty).lower()}
 
 
+def lineage_tags() -> dict[str, str]:
+    """The DVC experiment this run belongs to, so `dvc exp show` and the MLflow UI name each other."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {TAG_DVC_EXPERIMENT: name} if name else {}
+
+
 def start_run(cfg: Config, dataset: str, root: Path, *, stage: str, ray_run_name: str,
               params_hash: str, parent_run_id: str | None = None, name: str | None = None,
               extra_tags: dict[str, str] | None = None) -> tuple[MlflowClient, str]:
     """Create the run (status RUNNING) with its tags and every param; returns (client, run_id)."""
     client = MlflowClient(tracking_uri(cfg, root))
     experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
-    tags = {**git_state(root), "dvc.stage": stage, "ray.run_name": ray_run_name,
+    tags = {**git_state(root), **lineage_tags(), "dvc.stage": stage, "ray.run_name": ray_run_name,
             "params.hash": params_hash, "dataset": dataset, **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -101,6 +113,10 @@ def serve_ui(root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
     if not db.exists():
         raise FileNotFoundError(f"no MLflow store at {db}: run `dvc repro` (or `ganpipe train --dataset mnist`) "
                                 "first, or open your server's URL if mlflow.tracking_uri points at one")
+    client = MlflowClient(f"sqlite:///{db}")
+    for experiment in client.search_experiments():  # made by a version that did not tag them
+        if TAG_EXPERIMENT_KIND not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
     print(f"MLflow UI for {db}\nopen http://{host}:{port}  (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
                "--host", host, "--port", str(port), "--workers", "1"]

@@ -53,17 +53,17 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
 
     # DVC outputs
     summary = json.loads((repo / "metrics/mnist/train.json").read_text())
-    for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl", "loss_d", "loss_g",
+    for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl",
                 "images_per_sec", "wall_seconds", "mlflow_run_id"):
         assert key in summary, key
     assert summary["status"] == "completed" and summary["epoch"] == 2
     assert summary["fid"] > 0 and 0 <= summary["class_coverage"] <= 1 and summary["images_per_sec"] > 0
-    losses = pd.read_csv(repo / "plots/mnist/losses.csv")
+    losses = pd.read_csv(repo / "plots/losses/mnist.csv")
     assert {"step", "loss_d", "loss_g", "d_real", "d_fake"} <= set(losses.columns)
     assert losses["step"].is_monotonic_increasing and np.isfinite(losses[["loss_d", "loss_g"]]).all().all()
-    quality = pd.read_csv(repo / "plots/mnist/quality.csv")
+    quality = pd.read_csv(repo / "plots/quality/mnist.csv")
     assert list(quality["epoch"]) == [1, 2] and (quality["fid"] > 0).all()
-    assert (repo / "plots/mnist/samples.png").read_bytes().startswith(b"\x89PNG")
+    assert (repo / "plots/samples/mnist.png").read_bytes().startswith(b"\x89PNG")
     checkpoint = torch.load(repo / "models/mnist/checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 2
 
@@ -183,7 +183,7 @@ def test_gaussian1d_pipeline_learns_the_distribution(tmp_path):
     summary = json.loads((repo / "metrics/gaussian1d/train.json").read_text())
     assert abs(summary["mean"] - 4.0) < 0.3 and abs(summary["std"] - 0.5) < 0.25, summary
     assert summary["wasserstein"] < 0.3
-    quality = pd.read_csv(repo / "plots/gaussian1d/quality.csv")
+    quality = pd.read_csv(repo / "plots/quality/gaussian1d.csv")
     assert list(quality["epoch"]) == [1, 2, 3]
     client = mlflow_client(repo)
     run = only_run(client, "gaussian1d")
