@@ -4,7 +4,7 @@ Writes models/evaluator/<dataset>.pt and metrics/evaluator/<dataset>.json, the
 yardstick's ends: the real-vs-real floor (train split vs test split, what a
 perfect generator reaches) and the ceilings (uniform noise, a single class), so
 every GAN figure can be read against them. What users compare across DVC
-experiments, the accuracy and the floor's FID and KID, is also the DVC metric
+experiments, the accuracy and the FID floor, is also the DVC metric
 metrics/<dataset>/evaluator.json; the ceilings stay out of `dvc metrics show`.
 
 The 1-D toy set has no classes: its "evaluator" is the real test sample itself,
@@ -22,6 +22,7 @@ import torch
 
 from gan.data import DATASETS
 from gan.metrics import load_evaluator, real_reference, reference_scores, save_evaluator, train_evaluator
+from pipeline import tracking
 from pipeline.config import Config
 from pipeline.preprocess import load_processed
 
@@ -60,7 +61,7 @@ def run(cfg: Config, dataset: str) -> dict:
         torch.save({"kind": "toy"}, paths["model"])
         report = {"kind": "toy", "real_mean": float(real.mean()), "real_std": float(real.std())}
         paths["yardstick"].write_text(json.dumps(report, indent=2) + "\n")
-        paths["metrics"].write_text(json.dumps({k: report[k] for k in ("real_mean", "real_std")}, indent=2) + "\n")
+        tracking.write_dvc_metrics(paths["metrics"], {k: report[k] for k in ("real_mean", "real_std")})
         return report
 
     device = pick_device(cfg.ray.use_gpu)
@@ -78,9 +79,7 @@ def run(cfg: Config, dataset: str) -> dict:
               "reference_samples": n, **{name: _rounded(values) for name, values in references.items()}}
     paths["yardstick"].write_text(json.dumps(report, indent=2) + "\n")
     floor, noise = references["real_vs_real"]["fid"], references["noise"]["fid"]
-    paths["metrics"].write_text(json.dumps({"test_accuracy": scores["test_accuracy"],
-                                            "floor": {"fid": floor, "kid": references["real_vs_real"]["kid"]}},
-                                           indent=2) + "\n")
+    tracking.write_dvc_metrics(paths["metrics"], {"test_accuracy": scores["test_accuracy"], "floor": {"fid": floor}})
     print(f"evaluator@{dataset}: test accuracy {scores['test_accuracy']:.4f}; "
           f"FID floor (real vs real) {floor:.3f}, noise ceiling {noise:.1f}")
     return report

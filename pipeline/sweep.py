@@ -308,8 +308,7 @@ def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
         "epochs_run": int(epochs_run), "budget_saved": round(1 - epochs_run / (len(table) * sweep.epochs), 4),
     }
     paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
-    comparable = (f"best_{sweep.metric}", "best_mlflow_run_id", "trials", "budget_saved")
-    paths["metrics"].write_text(json.dumps({key: summary[key] for key in comparable}, indent=2) + "\n")
+    tracking.write_dvc_metrics(paths["metrics"], {key: summary[key] for key in (f"best_{sweep.metric}", "trials")})
     print(table.drop(columns=["checkpoint", "error"]).to_string(index=False))
     command = " ".join(f"-S train.{key}={value}" for key, value in overrides.items())
     print(f"\nbest {sweep.metric} {best[sweep.metric]:.4f} (trial {best['trial_id']}); "

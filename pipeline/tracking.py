@@ -1,4 +1,4 @@
-"""MLflow glue: where the store is, how runs are named and tagged, what they log.
+"""MLflow glue: where the store is, how runs are named and tagged, what they log; and the DVC metric files.
 
 The default store is SQLite inside the project, ``sqlite:///<root>/mlruns/mlflow.db``
 (artifacts land beside it in mlruns/). ``mlflow.tracking_uri`` in params.yaml or the
@@ -7,6 +7,7 @@ MLFLOW_TRACKING_URI environment variable point at a server instead.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,8 +23,11 @@ from pipeline.config import Config, flatten
 
 TAG_STATUS = "ganpipe.status"            # completed | stopped_early | diverged | failed
 TAG_FAILURE = "ganpipe.failure_reason"
-# MLflow 3's UI opens an experiment in its GenAI view unless this tag says otherwise.
+# MLflow 3 marks what an experiment is for with this tag. Its UI (3.17) still opens in
+# the GenAI view until the user picks "Model training", unless the URL asks for it.
 TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's own empty "Default"
 TAG_DVC_EXPERIMENT = "dvc.exp_name"        # DVC_EXP_NAME, set by `dvc exp run`
 
 
@@ -91,6 +95,18 @@ def start_run(cfg: Config, dataset: str, root: Path, *, stage: str, ray_run_name
     return client, run.info.run_id
 
 
+def write_dvc_metrics(path: Path, values: dict) -> None:
+    """A DVC metric file: what users compare across experiments, to 4 significant digits,
+    so that `dvc metrics show` for one dataset fits a 200-column terminal."""
+    def rounded(value):
+        if isinstance(value, dict):
+            return {key: rounded(inner) for key, inner in value.items()}
+        return float(f"{value:.4g}") if isinstance(value, float) else value
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rounded(values), indent=2) + "\n")
+
+
 def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(key, float(value), now, step) for key, value in values.items() if np.isfinite(value)]
@@ -107,17 +123,26 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") ->
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 
 
+def training_links(client: MlflowClient, base: str) -> list[str]:
+    """One link per experiment straight to its runs table, in the training view; tags older experiments."""
+    links = []
+    for experiment in client.search_experiments():
+        if experiment.experiment_id == DEFAULT_EXPERIMENT_ID:
+            continue
+        if TAG_EXPERIMENT_KIND not in experiment.tags:  # made by a version that did not tag it
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
+        links.append(f"  {experiment.name}: {base}/#/experiments/{experiment.experiment_id}/runs?{TRAINING_VIEW}")
+    return links or [f"  {base}/#/experiments?{TRAINING_VIEW}"]
+
+
 def serve_ui(root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the MLflow UI on the project's store until interrupted; returns the server's exit code."""
     db = (root / "mlruns" / "mlflow.db").resolve()
     if not db.exists():
         raise FileNotFoundError(f"no MLflow store at {db}: run `dvc repro` (or `ganpipe train --dataset mnist`) "
                                 "first, or open your server's URL if mlflow.tracking_uri points at one")
-    client = MlflowClient(f"sqlite:///{db}")
-    for experiment in client.search_experiments():  # made by a version that did not tag them
-        if TAG_EXPERIMENT_KIND not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
-    print(f"MLflow UI for {db}\nopen http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for {db} (Ctrl-C stops it); the training runs of each experiment:\n"
+          + "\n".join(training_links(MlflowClient(f"sqlite:///{db}"), f"http://{host}:{port}")), flush=True)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
                "--host", host, "--port", str(port), "--workers", "1"]
     try:

@@ -45,7 +45,8 @@ def output_paths(dataset: str, root: Path) -> dict[str, Path]:
     return {
         "generator": root / "models" / dataset / "generator.pt",
         "checkpoint": root / "models" / dataset / "checkpoint.pt",
-        "metrics": root / "metrics" / dataset / "train.json",
+        "metrics": root / "metrics" / dataset / "train.json",  # the DVC metric
+        "report": root / "metrics" / "train" / f"{dataset}.json",  # everything about the run's end
         # One folder per kind of plot: dvc.yaml's top-level plots name the folders,
         # so they draw whichever datasets data.datasets lists.
         "losses": root / "plots" / "losses" / f"{dataset}.csv",
@@ -370,12 +371,15 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
         shutil.copy(folder / "rank0.pt", paths["checkpoint"])
         for name in ("losses", "quality", "samples"):
             shutil.copy(folder / f"{name}{paths[name].suffix}", paths[name])
-    # What users compare across experiments; losses per step are in the plots and MLflow.
     keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall",
-            "mean", "std", "wasserstein", "images_per_sec", "wall_seconds", "epoch", "status")
+            "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
+            "epoch", "step", "status")
     summary = {k: status[k] for k in keys if k in status}
     summary["mlflow_run_id"] = run_id
-    paths["metrics"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    paths["report"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    comparable = ("fid", "kid", "inception_score", "class_coverage", "mean", "std", "wasserstein",
+                  "images_per_sec", "mlflow_run_id")
+    tracking.write_dvc_metrics(paths["metrics"], {k: summary[k] for k in comparable if k in summary})
     return summary
 
 

@@ -52,8 +52,8 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
     assert "epoch 2/2" in result.stdout + result.stderr  # rank 0's progress line reaches the console
 
     # DVC outputs
-    summary = json.loads((repo / "metrics/mnist/train.json").read_text())
-    for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl",
+    summary = json.loads((repo / "metrics/train/mnist.json").read_text())
+    for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl", "loss_d", "loss_g",
                 "images_per_sec", "wall_seconds", "mlflow_run_id"):
         assert key in summary, key
     assert summary["status"] == "completed" and summary["epoch"] == 2
@@ -150,7 +150,7 @@ def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(mirror, tm
     assert int(run.data.tags["ganpipe.resumed_from_epoch"]) >= 1  # not restarted from scratch
     fid_steps = {m.step for m in mlflow_client(repo).get_metric_history(run.info.run_id, "quality/fid")}
     assert fid_steps == {1, 2, 3, 4, 5, 6}
-    summary = json.loads((repo / "metrics/mnist/train.json").read_text())
+    summary = json.loads((repo / "metrics/train/mnist.json").read_text())
     assert summary["epoch"] == 6 and summary["status"] == "completed"
 
 
