@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -145,7 +146,12 @@ def serve_ui(root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
           + "\n".join(training_links(MlflowClient(f"sqlite:///{db}"), f"http://{host}:{port}")), flush=True)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
                "--host", host, "--port", str(port), "--workers", "1"]
+    server = subprocess.Popen(command)
+    # A SIGTERM to `ganpipe ui` (a test, a supervisor) must end the server too, not orphan it.
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
+        return max(server.wait(), 0)
+    except KeyboardInterrupt:  # Ctrl-C reached the server as well: let it finish
+        server.terminate()
+        server.wait()
         return 0
