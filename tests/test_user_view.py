@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
 import pty
 import select
+import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -91,7 +93,9 @@ def test_dvc_exp_run_names_its_mlflow_run_and_logs_stay_plain(small_repo):
 def on_a_terminal(args: list[str], cwd: Path, timeout: float = 600) -> str:
     """Run a command with stdout and stderr on a pseudo-terminal; everything it drew."""
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(args, cwd=cwd, env={**tool_env(), "COLUMNS": "160"}, stdin=subprocess.DEVNULL,
+    # 50 rows x 160 columns: a terminal of size 0 x 0 gives tqdm no room to draw
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    process = subprocess.Popen(args, cwd=cwd, env=tool_env(), stdin=subprocess.DEVNULL,
                                stdout=terminal, stderr=terminal)
     os.close(terminal)
     chunks, deadline = [], time.monotonic() + timeout
