@@ -34,6 +34,21 @@ def test_experiments_are_marked_as_model_training_also_when_an_older_version_mad
         assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_engine_hands_each_read_back_to_on_read():
+    """The progress bar's feed: the rows the engine reads back anyway, as they happen."""
+    import torch
+
+    from gan.engine import EngineConfig, GANTrainer
+    from gan.models import build_models
+
+    torch.manual_seed(0)
+    trainer = GANTrainer(*build_models("mlp", (1, 28, 28), latent_dim=8, hidden=(16, 16)), EngineConfig(log_every=2),
+                         device="cpu")
+    rows = []
+    result = trainer.train_epoch(list(torch.rand(6, 16, 1, 28, 28) * 2 - 1), on_read=rows.append)
+    assert [row["step"] for row in rows] == [2, 4, 6] and rows == result.history
+
+
 @pytest.mark.integration
 def test_dvc_metrics_and_plots_read_well_with_one_dataset(swept_repo):
     repo, _ = swept_repo  # data.datasets lists mnist only; train and sweep ran
