@@ -33,19 +33,12 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
 
-from gan.data import DeviceBatches, load_idx_split  # noqa: E402
+from gan.data import DeviceBatches  # noqa: E402
 from gan.engine import EngineConfig, GANTrainer  # noqa: E402
-from gan.images import image_grid, save_png  # noqa: E402
-from gan.metrics import evaluate, real_reference, reference_scores, train_evaluator  # noqa: E402
+from gan.images import save_png  # noqa: E402
 from gan.models import build_models  # noqa: E402
+from realdata import load_split, train_and_score, yardstick  # noqa: E402
 from throughput import LATENT_DIM, TARGETS, time_engine, time_tutorial  # noqa: E402
-
-QUALITY_KEYS = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall")
-
-
-def load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if split == "train" else "t10k"
-    return load_idx_split(folder / f"{prefix}-images-idx3-ubyte.gz", folder / f"{prefix}-labels-idx1-ubyte.gz")
 
 
 class Report:
@@ -115,57 +108,27 @@ def graph_vs_eager(images: np.ndarray, device: torch.device, iterations: int) ->
     return out
 
 
-def default_run(params: dict, arrays: dict, evaluator, reference, device: torch.device, *, epochs: int,
-                graph: bool, eval_samples: int, grid_path: Path | None = None) -> dict:
-    """params.yaml's model and train sections through the engine, as rank 0 of a 1-worker train@<ds> runs them."""
-    train = params["train"]
-    model = params["model"]
-    torch.manual_seed(train["seed"])
-    generator, discriminator = build_models(model["name"], (1, 28, 28), latent_dim=model["latent_dim"],
-                                            hidden=tuple(model["hidden"]), channels=model["channels"],
-                                            dropout=model["dropout"])
-    config = EngineConfig.from_mapping({**train, "cuda_graph": graph})
-    trainer = GANTrainer(generator, discriminator, config, device=device, seed=train["seed"] + 1000)
-    batches = DeviceBatches(torch.from_numpy(arrays["x_train"]).to(device), train["batch_size"], seed=train["seed"])
-    rows = []
-    for epoch in range(1, epochs + 1):
-        result = trainer.train_epoch(batches)  # ends with a read-back: the device is idle
-        started = time.perf_counter()
-        quality = evaluate(trainer.sample, evaluator, reference, n=eval_samples, device=device)
-        rows.append({"epoch": epoch, "train_seconds": round(result.seconds, 3),
-                     "img_per_s": round(result.images_per_sec), "eval_seconds": round(time.perf_counter() - started, 3),
-                     **{key: quality[key] for key in QUALITY_KEYS}})
-        print(f"  {'graph' if graph else 'eager'} epoch {epoch}: {result.seconds:.2f} s "
-              f"({result.images_per_sec:,.0f} img/s), FID {quality['fid']:.2f}", flush=True)
-    if grid_path is not None:
-        save_png(image_grid(trainer.sample(64, noise=trainer.fixed_noise), nrow=8), grid_path)
-    return {"graph_ran": trainer.use_graph, "graph_fallback_reason": trainer.graph_fallback_reason,
-            "batch_size": train["batch_size"], "epochs": rows}
-
-
 def quality(params: dict, folder: Path, device: torch.device, args, report: Report, name: str) -> dict:
-    (x_train, y_train), (x_test, y_test) = load_split(folder, "train"), load_split(folder, "test")
-    arrays = {"x_train": x_train}
-    settings = params["evaluator"]
-    started = time.perf_counter()
-    evaluator, scores = train_evaluator(x_train, y_train, x_test, y_test, epochs=settings["epochs"],
-                                        batch_size=settings["batch_size"], lr=settings["lr"],
-                                        seed=settings["seed"], device=device)
-    evaluator_seconds = time.perf_counter() - started
-    references = reference_scores(evaluator, x_train, x_test, y_test, n=args.eval_samples, device=device,
-                                  real_train_labels=y_train)
-    reference = real_reference(evaluator, x_test, y_test, device)
-    print(f"{name}: evaluator {scores['test_accuracy']:.4f} test accuracy in {evaluator_seconds:.1f} s; "
-          f"FID floor {references['real_vs_real']['fid']:.3f}", flush=True)
-    out = {"evaluator": {"test_accuracy": scores["test_accuracy"], "seconds": evaluator_seconds},
-           "floor": {key: references["real_vs_real"][key] for key in QUALITY_KEYS},
-           "noise_ceiling_fid": references["noise"]["fid"]}
-    run = dict(evaluator=evaluator, reference=reference, device=device, eval_samples=args.eval_samples)
-    out["graph"] = default_run(params, arrays, epochs=args.epochs, graph=True, **run)
-    out["eager"] = default_run(params, arrays, epochs=args.epochs, graph=False, **run)
-    if args.long_epochs:
-        out["graph_long"] = default_run(params, arrays, epochs=args.long_epochs, graph=True,
-                                        grid_path=report.path.parent / f"samples_{name}.png", **run)
+    """params.yaml's default on a real dataset, graph and eager, scored every epoch by the evaluator."""
+    stick = yardstick(folder, params["evaluator"], device, args.eval_samples)
+    print(f"{name}: evaluator {stick.test_accuracy:.4f} test accuracy in {stick.seconds:.1f} s; "
+          f"FID floor {stick.floor['fid']:.3f}", flush=True)
+    out = {"evaluator": {"test_accuracy": stick.test_accuracy, "seconds": stick.seconds},
+           "floor": stick.floor, "noise_ceiling_fid": stick.noise_fid}
+    runs = {"graph": args.epochs, "eager": args.epochs, "graph_long": args.long_epochs}
+    for run, epochs in runs.items():
+        if not epochs:
+            continue
+        run_params = {**params, "train": {**params["train"], "cuda_graph": run != "eager"}}
+        result = train_and_score(run_params, stick, device, epochs=epochs, score_at=list(range(1, epochs + 1)),
+                                 eval_samples=args.eval_samples)
+        for row in result["scores"]:
+            print(f"  {run} epoch {row['epoch']}: {row['epoch_seconds']:.2f} s "
+                  f"({row['epoch_img_per_s']:,.0f} img/s), FID {row['fid']:.2f}", flush=True)
+        if run == "graph_long":
+            save_png(result.pop("grid"), report.path.parent / f"samples_{name}.png")
+        result.pop("grid", None)
+        out[run] = result
     out["peak_memory_gib"] = report.peak_memory()
     return out
 
@@ -228,8 +191,9 @@ def print_summary(data: dict) -> None:
         print("| run | epoch | s/epoch | img/s | FID | KID | IS | coverage | precision | recall |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for run in ("graph", "eager", "graph_long"):
-            for row in value.get(run, {}).get("epochs", []):
-                print(f"| {run} | {row['epoch']} | {row['train_seconds']:.2f} | {row['img_per_s']:,} | {row['fid']:.2f} "
+            for row in value.get(run, {}).get("scores", []):
+                print(f"| {run} | {row['epoch']} | {row['epoch_seconds']:.2f} | {row['epoch_img_per_s']:,.0f} "
+                      f"| {row['fid']:.2f} "
                       f"| {row['kid']:.4f} | {row['inception_score']:.2f} | {row['class_coverage']:.1f} "
                       f"| {row['precision']:.2f} | {row['recall']:.2f} |")
 

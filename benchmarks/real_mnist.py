@@ -64,7 +64,7 @@ def run(args: list[str], cwd: Path) -> None:
 def pipeline_run(repo: Path, params: dict) -> float:
     repo.mkdir()
     shutil.copy(REPO / "dvc.yaml", repo)
-    for package in ("gan", "pipeline"):
+    for package in ("gan", "pipeline", "presets"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)

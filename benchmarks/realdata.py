@@ -58,7 +58,8 @@ def train_and_score(params: dict, stick: Yardstick, device: torch.device, *, epo
     """params' model and train sections through the engine, as rank 0 of a 1-worker train@<ds> runs them.
 
     Scored with the evaluator after each epoch in ``score_at`` (and the last). Returns the
-    scores per epoch, training seconds (evaluation excluded), img/s and the final sample grid.
+    scores per scored epoch (with that epoch's training and scoring seconds), the total
+    training seconds (evaluation excluded), img/s and the final sample grid.
     """
     model, train = params["model"], params["train"]
     torch.manual_seed(train["seed"])
@@ -75,8 +76,11 @@ def train_and_score(params: dict, stick: Yardstick, device: torch.device, *, epo
         train_seconds += result.seconds
         images += round(result.images_per_sec * result.seconds)
         if epoch in score_at or epoch == epochs:
+            started = time.perf_counter()
             quality = evaluate(trainer.sample, stick.evaluator, stick.reference, n=eval_samples, device=device)
-            scores.append({"epoch": epoch, "images_seen": images, **{key: quality[key] for key in QUALITY_KEYS}})
+            scores.append({"epoch": epoch, "images_seen": images, "epoch_seconds": result.seconds,
+                           "epoch_img_per_s": result.images_per_sec, "eval_seconds": time.perf_counter() - started,
+                           **{key: quality[key] for key in QUALITY_KEYS}})
     grid = image_grid(trainer.sample(64, noise=trainer.fixed_noise), nrow=8)
     return {"scores": scores, "train_seconds": train_seconds, "img_per_s": images / train_seconds,
             "graph_ran": trainer.use_graph, "graph_fallback_reason": trainer.graph_fallback_reason, "grid": grid}

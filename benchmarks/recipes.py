@@ -7,7 +7,7 @@ n samples. Prints one markdown table per dataset and writes, under --out-dir,
 recipes.json (every figure) and recipes-<dataset>.png (each row's samples side by side).
 
     python benchmarks/recipes.py --data-root DIR [--datasets mnist fashion_mnist] [--epochs 10]
-        [--score-at 2 5] [--eval-samples 10000] [--variant 'name:train.g_ema=0.999,model.spectral_norm=true']
+        [--score-at 2 5] [--eval-samples 10000] [--variant 'name:train.g_ema=0.999;model.spectral_norm=true']
 
 DIR holds one folder per dataset with its four IDX .gz files (a ``data.mirrors`` folder).
 Torch only: it runs on a GPU machine without Ray, MLflow or DVC.
@@ -33,10 +33,10 @@ from realdata import QUALITY_KEYS, train_and_score, yardstick  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'name:train.g_ema=0.999,model.spectral_norm=true' -> ("name", {"train.g_ema": 0.999, ...})."""
+    """'name:train.g_ema=0.999;model.spectral_norm=true' -> ("name", {"train.g_ema": 0.999, ...})."""
     name, _, settings = text.partition(":")
     overrides = {}
-    for item in filter(None, settings.split(",")):
+    for item in filter(None, settings.split(";")):
         key, _, value = item.partition("=")
         overrides[key.strip()] = yaml.safe_load(value)
     return name, overrides
@@ -60,7 +60,7 @@ def figure(results: dict[str, dict], dataset: str, path: Path) -> None:
 
     columns = min(4, len(results))
     lines = math.ceil(len(results) / columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.5 * lines), squeeze=False)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.9 * lines), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, result) in zip(axes.flat, results.items()):
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="budget: epochs of 60k real images per row")
     parser.add_argument("--score-at", type=int, nargs="*", default=[2], help="also score after these epochs")
     parser.add_argument("--eval-samples", type=int, default=10_000)
-    parser.add_argument("--variant", action="append", default=[], help="name:dotted.key=value,... over the default")
+    parser.add_argument("--variant", action="append", default=[], help="name:dotted.key=value;... over the default")
     parser.add_argument("--only", nargs="*", help="train only these rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs")

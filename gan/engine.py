@@ -439,6 +439,10 @@ class GANTrainer:
                 history.append(self._read_window())
                 if on_read is not None:
                     on_read(history[-1])
+        if self._window_steps and not self.stopped_early:
+            history.append(self._read_window())  # a partial window: every epoch logs at least one point
+            if on_read is not None:
+                on_read(history[-1])
         means = self._read(epoch_sum / steps) if steps else {}
         self._check_finite(means)
         seconds = time.perf_counter() - start

@@ -127,6 +127,8 @@ class SweepConfig(Section):
     space: dict[SweepableKey, Any] = Field(min_length=1)
     num_samples: PositiveInt = 1
     scheduler: Literal["asha", "fifo", "pbt"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    startup_trials: PositiveInt = 4  # optuna: random trials before TPE models the results
     metric: Literal[tuple(METRIC_MODES)] = "fid"
     epochs: PositiveInt = 5
     grace_period: PositiveInt = 1
@@ -135,6 +137,12 @@ class SweepConfig(Section):
     num_workers: PositiveInt = 1
     max_concurrent_trials: PositiveInt = 2
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _search_fits_scheduler(self) -> "SweepConfig":
+        if self.search == "optuna" and self.scheduler == "pbt":
+            raise ValueError("search = 'optuna' needs scheduler asha or fifo (pbt explores by itself)")
+        return self
 
     @property
     def mode(self) -> str:

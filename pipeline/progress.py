@@ -39,10 +39,9 @@ class EpochBar:
         self.bar.close()
 
 
-def trial_count(space: dict, num_samples: int, scheduler: str) -> int:
-    """Trials Tune will run: each grid (a list) multiplies num_samples, except under PBT where lists are choices."""
-    grids = [len(spec) for spec in space.values() if isinstance(spec, list)] if scheduler != "pbt" else []
-    return num_samples * math.prod(grids)
+def trial_count(space: dict, num_samples: int, grid: bool) -> int:
+    """Trials Tune will run: with ``grid``, each list in the space multiplies num_samples."""
+    return num_samples * math.prod(len(spec) for spec in space.values() if grid and isinstance(spec, list))
 
 
 def sweep_callback(total: int, metric: str, mode: str):

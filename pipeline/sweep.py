@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline import tracking
-from pipeline.config import Config, ConfigError, apply_overrides, params_hash, read_params, validate
+from pipeline.config import Config, ConfigError, apply_overrides, params_hash, validate
 from pipeline.progress import on_terminal, sweep_callback, trial_count
+from pipeline.search import label_searched_by, optuna_trials, scheduler, search_algorithm, search_space
 from pipeline.train import fit, init_ray, make_loop_config, resolve_use_gpu, storage_path, train_loop
 
 OUT = Path("sweep")
@@ -39,24 +41,6 @@ def output_paths(root: Path) -> dict[str, Path]:
     return {"results": root / OUT / "results.csv", "best": root / OUT / "best_params.yaml",
             "figure": root / OUT / "metric_vs_lr.png", "grid": root / OUT / "best_vs_worst.png",
             "summary": root / OUT / "summary.json", "metrics": root / "metrics" / "sweep.json"}
-
-
-def search_space(cfg: Config) -> dict:
-    """params.yaml's space as Tune domains: a list is a grid, the rest are distributions."""
-    from ray import tune
-
-    space = {}
-    for key, spec in cfg.sweep.space.items():
-        if isinstance(spec, list):
-            space[key] = tune.choice(spec) if cfg.sweep.scheduler == "pbt" else tune.grid_search(spec)
-        else:
-            (kind, args), = spec.items()
-            space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
-    return space
-
-
-def pbt_mutations(cfg: Config) -> dict:
-    return {key: spec if isinstance(spec, list) else search_space(cfg)[key] for key, spec in cfg.sweep.space.items()}
 
 
 def trial_config(raw_params: dict, sweep_cfg, sampled: dict) -> Config:
@@ -127,19 +111,6 @@ def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
         params_hash=setup["params_hash"], parent_run_id=setup["parent_run_id"],
         name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id, **setup["lineage"]})
     return run_id
-
-
-def _scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-
-    sweep = cfg.sweep
-    if sweep.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs, grace_period=sweep.grace_period,
-                             reduction_factor=sweep.reduction_factor)
-    if sweep.scheduler == "pbt":
-        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=sweep.perturbation_interval,
-                                       hyperparam_mutations=pbt_mutations(cfg))
-    return FIFOScheduler()
 
 
 def trial_status(result, budget: int) -> str:
@@ -244,25 +215,29 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
                                            params_hash=params_hash(root / "params.yaml"), name=name)
     client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")
     worst = math.inf if sweep.mode == "min" else -math.inf
-    setup = {"params": read_params(root / "params.yaml"), "root": str(root), "tracking_uri": uri, "name": name,
+    setup = {"params": cfg.model_dump(mode="json"), "root": str(root), "tracking_uri": uri, "name": name,
              "parent_run_id": parent_id, "experiment_id": client.get_run(parent_id).info.experiment_id,
              "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst},
              "lineage": tracking.lineage_tags()}  # trials may run where DVC_EXP_NAME is not set
     print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
+    study_folder = tempfile.TemporaryDirectory()  # Optuna's study, read back once the sweep ends
+    study_storage = _study_storage(cfg, Path(study_folder.name))
     try:
+        searcher = search_algorithm(cfg, study_storage, name)
         init_ray(cfg)
         use_gpu = resolve_use_gpu(cfg.ray.use_gpu)
         # ASHA/FIFO trials only wait on their TorchTrainer, whose workers hold the CPUs/GPUs;
         # Tune needs some resource for the trial itself, so it takes a token share of a CPU.
         resources = {"cpu": 1, "gpu": int(use_gpu)} if sweep.scheduler == "pbt" else {"cpu": 0.01}
         # On a terminal a bar of trials done and the best metric replaces Tune's periodic status tables.
-        progress = [sweep_callback(trial_count(sweep.space, sweep.num_samples, sweep.scheduler), sweep.metric,
+        grid = sweep.scheduler != "pbt" and sweep.search == "random"  # as search_space() builds it
+        progress = [sweep_callback(trial_count(sweep.space, sweep.num_samples, grid), sweep.metric,
                                    sweep.mode)] if on_terminal() else []
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources),
             param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=_scheduler(cfg),
-                                        num_samples=sweep.num_samples,
+            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler(cfg),
+                                        search_alg=searcher, num_samples=sweep.num_samples,
                                         max_concurrent_trials=sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=name, storage_path=storage_path(cfg, root), callbacks=progress,
                                       verbose=0 if progress else 1),
@@ -274,6 +249,10 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
         epochs_trained = {run_id: len({m.step for m in client.get_metric_history(run_id, "quality/fid")})
                           for run_id in children.values()}
         table = results_table(results, cfg, children, epochs_trained)
+        if searcher is not None:
+            trials = optuna_trials(cfg, study_storage, name)
+            table = label_searched_by(table, trials, list(sweep.space))
+            client.log_text(parent_id, trials.to_csv(index=False), "optuna_trials.csv")
         for row in table.itertuples():
             if row.mlflow_run_id:
                 tracking.end_run(client, row.mlflow_run_id, row.status, row.error)
@@ -282,8 +261,19 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
     except BaseException as err:
         tracking.end_run(client, parent_id, "failed", f"{type(err).__name__}: {err}")
         raise
+    finally:
+        study_folder.cleanup()
     tracking.end_run(client, parent_id, "completed")
     return table
+
+
+def _study_storage(cfg: Config, folder: Path):
+    """A SQLite file for Optuna's study: the searcher runs in this (the driver's) process."""
+    if cfg.sweep.search != "optuna":
+        return None
+    import optuna
+
+    return optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.db'}")
 
 
 def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:

@@ -142,7 +142,7 @@ def make_dvc_repo(path: Path, params: dict) -> Path:
     """A git + DVC repository holding the project's pipeline with the given params."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO_ROOT / "dvc.yaml", path / "dvc.yaml")
-    for package in ("gan", "pipeline"):  # dvc.yaml tracks these sources as deps
+    for package in ("gan", "pipeline", "presets"):  # dvc.yaml tracks these sources as deps
         shutil.copytree(REPO_ROOT / package, path / package, ignore=shutil.ignore_patterns("__pycache__"))
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (path / ".gitignore").write_text("mlruns/\nray_results/\n")

@@ -25,7 +25,8 @@ def error_for(overrides: dict) -> str:
 def test_project_params_are_valid():
     cfg = load_config(REPO_ROOT / "params.yaml")
     assert cfg.data.datasets == ["mnist", "fashion_mnist"]
-    assert cfg.model.name == "dcgan" and cfg.train.loss == "ns"
+    assert cfg.model.name == "dcgan_upsample" and cfg.model.spectral_norm and cfg.train.loss == "ns"
+    assert cfg.train.g_ema == 0.999 and cfg.train.batch_size == 32 and cfg.preset is None
     assert cfg.train.betas_g == (0.5, 0.999)
     assert flatten(cfg)["train.lr_g"] == pytest.approx(2e-4)
 

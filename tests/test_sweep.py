@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import HUGE_LR, project_params, sweep_params
+from conftest import HUGE_LR, make_dvc_repo, project_params, run_cmd, serve_mirror, sweep_params
 from pipeline.config import ConfigError, apply_overrides, validate
-from pipeline.sweep import pbt_mutations, search_space, trial_config
+from pipeline.search import pbt_mutations, search_space
+from pipeline.sweep import trial_config
 
 BATCHES_PER_EPOCH = 300 // 64  # the fixture's 300 training images, batch 64, one worker
 
@@ -82,6 +83,34 @@ def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(swept_repo):
             assert d_updates == epoch * iterations_per_epoch * row.d_steps
             assert history["g_updates"][epoch] == epoch * iterations_per_epoch * row.g_steps
         assert len(client.get_metric_history(row.mlflow_run_id, "quality/fid")) == row.epochs_run
+
+
+@pytest.mark.integration
+def test_optuna_search_picks_later_trials_with_tpe(tmp_path):
+    """sweep.search: optuna with one random startup trial: the next two come from TPE's model of the results."""
+    with serve_mirror() as state:
+        params = sweep_params(state.url)
+        params["train"]["epochs"] = 1
+        params["sweep"].update(search="optuna", startup_trials=1, scheduler="fifo", num_samples=3, epochs=1,
+                               space={"lr_d": {"loguniform": [0.005, 0.05]}, "lr_g": {"loguniform": [0.005, 0.05]},
+                                      "d_steps": [1, 2]})
+        repo = make_dvc_repo(tmp_path / "repo", params)
+        run_cmd(["dvc", "repro", "sweep"], repo)
+    table = pd.read_csv(repo / "sweep/results.csv")
+    assert len(table) == 3 and set(table["status"]) == {"completed"}
+    # max_concurrent_trials 1: trial 1 finished before TPE was asked for trials 2 and 3
+    assert sorted(table["searched_by"]) == ["random", "tpe", "tpe"]
+    assert set(table["d_steps"]) <= {1, 2}  # a list is a choice for Optuna, not a grid
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("ganpipe-mnist").experiment_id])
+                  if r.data.tags.get("dvc.stage") == "sweep" and "mlflow.parentRunId" not in r.data.tags)
+    study = pd.read_csv(client.download_artifacts(parent.info.run_id, "optuna_trials.csv", str(tmp_path)))
+    assert list(study["number"]) == [0, 1, 2] and set(study["state"]) == {"COMPLETE"}
+    assert list(study["finished_before"]) == [0, 1, 2]
+    assert sorted(study["value"]) == pytest.approx(sorted(table["fid"]))  # Optuna was told every trial's FID
 
 
 def test_trial_config_applies_every_sampled_value():
