@@ -121,7 +121,7 @@ def main() -> None:
     direct_seconds = direct_run(repo, params)
 
     floor = json.loads((repo / "metrics/evaluator/mnist.json").read_text())
-    quality = pd.read_csv(repo / "plots/mnist/quality.csv")
+    quality = pd.read_csv(repo / "plots/quality/mnist.csv")
     quality["fid floor (real vs real)"] = floor["real_vs_real"]["fid"]
     quality["fid noise ceiling"] = floor["noise"]["fid"]
     columns = ["epoch", "fid", "fid floor (real vs real)", "fid noise ceiling", "kid", "inception_score",
@@ -131,12 +131,12 @@ def main() -> None:
     print(f"\ntrain@mnist under dvc repro (Ray Train, {args.workers} worker(s), MLflow): {ray_seconds:.1f} s")
     print(f"engine called directly, same epochs and evaluations:                  {direct_seconds:.1f} s")
     print(f"Ray Train + tracking overhead ratio: {ray_seconds / direct_seconds:.2f}x")
-    print(f"sample grid: {repo / 'plots/mnist/samples.png'}")
+    print(f"sample grid: {repo / 'plots/samples/mnist.png'}")
 
     if args.sweep_trials:
         run(["dvc", "repro", "sweep"], repo)
         table = pd.read_csv(repo / "sweep/results.csv")
-        summary = json.loads((repo / "metrics/sweep.json").read_text())
+        summary = json.loads((repo / "sweep/summary.json").read_text())
         train = params["train"]
         print(f"\nsweep: {summary['trials']} trials, {summary['stopped_early']} stopped early by ASHA, "
               f"{summary['diverged']} diverged; ASHA saved {summary['budget_saved']:.0%} of the epoch budget")

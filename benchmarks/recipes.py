@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
 
 from pipeline.presets import apply_overrides, available, merge, preset_overrides  # noqa: E402
-from realdata import QUALITY_KEYS, train_and_score, yardstick  # noqa: E402
+from realdata import train_and_score, yardstick  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -1,9 +1,11 @@
 """evaluator@<dataset>: train the classifier that measures sample quality.
 
-Writes models/evaluator/<dataset>.pt and metrics/evaluator/<dataset>.json. The
-json also records the yardstick's ends: the real-vs-real floor (train split vs
-test split, what a perfect generator reaches) and the ceilings (uniform noise,
-a single class), so every GAN figure can be read against them.
+Writes models/evaluator/<dataset>.pt and metrics/evaluator/<dataset>.json, the
+yardstick's ends: the real-vs-real floor (train split vs test split, what a
+perfect generator reaches) and the ceilings (uniform noise, a single class), so
+every GAN figure can be read against them. What users compare across DVC
+experiments, the accuracy and the FID floor, is also the DVC metric
+metrics/<dataset>/evaluator.json; the ceilings stay out of `dvc metrics show`.
 
 The 1-D toy set has no classes: its "evaluator" is the real test sample itself,
 and its quality is measured by moments and the Wasserstein-1 distance.
@@ -20,6 +22,7 @@ import torch
 
 from gan.data import DATASETS
 from gan.metrics import load_evaluator, real_reference, reference_scores, save_evaluator, train_evaluator
+from pipeline import tracking
 from pipeline.config import Config
 from pipeline.preprocess import load_processed
 
@@ -29,7 +32,8 @@ REFERENCE_SAMPLES = 10_000
 
 def evaluator_paths(dataset: str, root: Path = Path(".")) -> dict[str, Path]:
     return {"model": root / "models" / "evaluator" / f"{dataset}.pt",
-            "metrics": root / "metrics" / "evaluator" / f"{dataset}.json"}
+            "yardstick": root / "metrics" / "evaluator" / f"{dataset}.json",
+            "metrics": root / "metrics" / dataset / "evaluator.json"}
 
 
 def pick_device(use_gpu: bool | str = "auto") -> torch.device:
@@ -56,7 +60,8 @@ def run(cfg: Config, dataset: str) -> dict:
         real = arrays["x_train"][:, 0]
         torch.save({"kind": "toy"}, paths["model"])
         report = {"kind": "toy", "real_mean": float(real.mean()), "real_std": float(real.std())}
-        paths["metrics"].write_text(json.dumps(report, indent=2) + "\n")
+        paths["yardstick"].write_text(json.dumps(report, indent=2) + "\n")
+        tracking.write_dvc_metrics(paths["metrics"], {k: report[k] for k in ("real_mean", "real_std")})
         return report
 
     device = pick_device(cfg.ray.use_gpu)
@@ -72,8 +77,9 @@ def run(cfg: Config, dataset: str) -> dict:
                                   real_train_labels=arrays["y_train"])
     report = {"dataset": dataset, **scores, "train_seconds": round(time.perf_counter() - started, 1),
               "reference_samples": n, **{name: _rounded(values) for name, values in references.items()}}
-    paths["metrics"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["yardstick"].write_text(json.dumps(report, indent=2) + "\n")
     floor, noise = references["real_vs_real"]["fid"], references["noise"]["fid"]
+    tracking.write_dvc_metrics(paths["metrics"], {"test_accuracy": scores["test_accuracy"], "floor": {"fid": floor}})
     print(f"evaluator@{dataset}: test accuracy {scores['test_accuracy']:.4f}; "
           f"FID floor (real vs real) {floor:.3f}, noise ceiling {noise:.1f}")
     return report

@@ -77,7 +77,7 @@ def evaluate_command(cfg: Config, dataset: str, *, checkpoint: str | None, mlflo
     sampler = load_sampler(cfg, dataset, checkpoint=checkpoint, mlflow_run=mlflow_run, device=device, seed=seed)
     evaluator, reference = load_reference(dataset, Path("."), device)
     scores = evaluate(sampler, evaluator, reference, n=n, device=device)
-    floors = json.loads(evaluator_paths(dataset)["metrics"].read_text())
+    floors = json.loads(evaluator_paths(dataset)["yardstick"].read_text())
     table = pd.DataFrame({"model": scores, "floor (real vs real)": floors["real_vs_real"],
                           "noise ceiling": floors["noise"]}).loc[list(scores)]
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))

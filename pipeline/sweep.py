@@ -7,7 +7,8 @@ that Tune can hand from trial to trial: it runs single-process trials through a
 plain Tune function and ``ray.tune.Checkpoint``.
 
 MLflow: a parent run ``sweep-<dataset>-<date>`` with one child run per trial.
-DVC: sweep/results.csv, sweep/best_params.yaml, metrics/sweep.json and two figures.
+DVC: sweep/results.csv, sweep/best_params.yaml, sweep/summary.json, two figures,
+and the few figures users compare across experiments as the metric metrics/sweep.json.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from PIL import Image
 from pipeline import cluster, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, validate
 from pipeline.preprocess import load_processed
+from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.search import label_searched_by, optuna_trials, scheduler, search_algorithm, search_space
 from pipeline.train import fit, make_loop_config, storage_path, train_loop
 
@@ -39,7 +41,7 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"  # where TuneReportCallback puts a trial
 def output_paths(root: Path) -> dict[str, Path]:
     return {"results": root / OUT / "results.csv", "best": root / OUT / "best_params.yaml",
             "figure": root / OUT / "metric_vs_lr.png", "grid": root / OUT / "best_vs_worst.png",
-            "metrics": root / "metrics" / "sweep.json"}
+            "summary": root / OUT / "summary.json", "metrics": root / "metrics" / "sweep.json"}
 
 
 def trial_config(raw_params: dict, sweep_cfg, sampled: dict) -> Config:
@@ -112,7 +114,7 @@ def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
     _, run_id = tracking.start_run(
         cfg, cfg.sweep.dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
         params_hash=setup["params_hash"], parent_run_id=setup["parent_run_id"],
-        name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id},
+        name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id, **setup["lineage"]},
         uri=setup["tracking_uri"], git=setup["git"])
     return run_id
 
@@ -244,12 +246,17 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
     setup = {"params": cfg.model_dump(mode="json"), "root": str(root), "tracking_uri": uri, "name": name,
              "storage": storage, "inputs": inputs, "use_gpu": use_gpu, "git": tracking.git_state(root),
              "parent_run_id": parent_id, "experiment_id": client.get_run(parent_id).info.experiment_id,
-             "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst}}
+             "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst},
+             "lineage": tracking.lineage_tags()}  # trials may run where DVC_EXP_NAME is not set
     print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
     study_folder = tempfile.TemporaryDirectory()  # Optuna's study, read back once the sweep ends
     study_storage = _study_storage(cfg, Path(study_folder.name))
     try:
         searcher = search_algorithm(cfg, study_storage, name)
+        # On a terminal a bar of trials done and the best metric replaces Tune's periodic status tables.
+        grid = sweep.scheduler != "pbt" and sweep.search == "random"  # as search_space() builds it
+        progress = [sweep_callback(trial_count(sweep.space, sweep.num_samples, grid), sweep.metric,
+                                   sweep.mode)] if on_terminal() else []
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                 {key.lower(): amount for key, amount in share.items()}),
@@ -257,7 +264,8 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler(cfg),
                                         search_alg=searcher, num_samples=sweep.num_samples,
                                         max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=progress,
+                                      verbose=0 if progress else 1),
         )
         results = tuner.fit()
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
@@ -314,7 +322,8 @@ def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
         "diverged": int((table["status"] == "diverged").sum()), "failed": int((table["status"] == "failed").sum()),
         "epochs_run": int(epochs_run), "budget_saved": round(1 - epochs_run / (len(table) * sweep.epochs), 4),
     }
-    paths["metrics"].write_text(json.dumps(summary, indent=2) + "\n")
+    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    tracking.write_dvc_metrics(paths["metrics"], {key: summary[key] for key in (f"best_{sweep.metric}", "trials")})
     print(table.drop(columns=["checkpoint", "error"]).to_string(index=False))
     command = " ".join(f"-S train.{key}={value}" for key, value in overrides.items())
     print(f"\nbest {sweep.metric} {best[sweep.metric]:.4f} (trial {best['trial_id']}); "

@@ -36,6 +36,7 @@ from gan.metrics import evaluate
 from gan.models import build_models
 from pipeline import cluster, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
+from pipeline.progress import EpochBar, on_terminal
 from pipeline.preprocess import load_processed, processed_paths
 
 # MLflow metric keys, grouped by prefix so the UI charts them together.
@@ -48,10 +49,13 @@ def output_paths(dataset: str, root: Path) -> dict[str, Path]:
     return {
         "generator": root / "models" / dataset / "generator.pt",
         "checkpoint": root / "models" / dataset / "checkpoint.pt",
-        "metrics": root / "metrics" / dataset / "train.json",
-        "losses": root / "plots" / dataset / "losses.csv",
-        "quality": root / "plots" / dataset / "quality.csv",
-        "samples": root / "plots" / dataset / "samples.png",
+        "metrics": root / "metrics" / dataset / "train.json",  # the DVC metric
+        "report": root / "metrics" / "train" / f"{dataset}.json",  # everything about the run's end
+        # One folder per kind of plot: dvc.yaml's top-level plots name the folders,
+        # so they draw whichever datasets data.datasets lists.
+        "losses": root / "plots" / "losses" / f"{dataset}.csv",
+        "quality": root / "plots" / "quality" / f"{dataset}.csv",
+        "samples": root / "plots" / "samples" / f"{dataset}.png",
     }
 
 
@@ -167,13 +171,21 @@ def train_loop(loop_config: dict, session=None) -> None:
     started = time.perf_counter()
     status, reason, quality = "completed", "", {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
+        bar = None  # rank 0's bar on the driver's terminal, fed by the engine's read-backs
+        if logger and loop_config.get("progress"):
+            bar = EpochBar(epoch, cfg.train.epochs, iterations=len(batches) // cfg.train.d_steps,
+                           images_per_iteration=batches.batch_size * world * cfg.train.d_steps,
+                           first_step=trainer.step)
         try:
-            result = trainer.train_epoch(batches)
+            result = trainer.train_epoch(batches, on_read=bar.on_read if bar else None)
         except DivergedError as err:
             status, reason = "diverged", str(err)
         else:
             if trainer.stopped_early:
                 status = "stopped_early"
+        finally:
+            if bar:
+                bar.close()
         metrics = {"epoch": epoch, "step": trainer.step, "status": status}
         if status == "diverged":
             metrics.update(loop_config.get("diverged_metrics", {}))  # e.g. fid=inf, so schedulers rank it last
@@ -230,7 +242,10 @@ class _RankZeroLogger:
         tracking.log_metrics(self.client, self.run_id,
                              {**{f"quality/{k}": v for k, v in quality.items()}, "speed/img_per_s": speed,
                               "epoch": epoch, **engine_state}, step=epoch)
-        history.quality.append({"epoch": epoch, "step": trainer.step, **quality, "images_per_sec": speed})
+        # The headline figure last: DVC's quality plot draws the last column.
+        main_key = "wasserstein" if self.toy else "fid"
+        history.quality.append({"epoch": epoch, "step": trainer.step, "images_per_sec": speed,
+                                **{k: v for k, v in quality.items() if k != main_key}, main_key: quality[main_key]})
         picture = self.picture(trainer)
         self.client.log_image(self.run_id, picture, key="samples", step=epoch)
         headline = (f"fid {quality['fid']:.3f}" if not self.toy else
@@ -257,11 +272,11 @@ class _RankZeroLogger:
 
 
 def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
-                     use_gpu: bool, diverged_metrics: dict | None = None) -> dict:
+                     use_gpu: bool, diverged_metrics: dict | None = None, progress: bool = False) -> dict:
     """What every worker needs: plain values and object-store references (``cluster.put_inputs``)."""
     return {"params": cfg.model_dump(mode="json"), "dataset": dataset, "inputs": inputs,
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "use_gpu": use_gpu,
-            "diverged_metrics": diverged_metrics or {}}
+            "diverged_metrics": diverged_metrics or {}, "progress": progress}
 
 
 def storage_path(cfg: Config, root: Path) -> str:
@@ -282,7 +297,8 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
         train_loop,
         train_loop_config=make_loop_config(cfg, dataset, inputs=inputs, mlflow_run_id=mlflow_run_id,
                                            tracking_uri=tracking_uri, use_gpu=use_gpu,
-                                           diverged_metrics=diverged_metrics),
+                                           diverged_metrics=diverged_metrics,
+                                           progress=on_terminal()),  # False inside a sweep's trial
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=cluster.worker_resources(use_gpu)),
         run_config=ray.train.RunConfig(
@@ -350,13 +366,16 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
         shutil.copy(folder / "generator.pt", paths["generator"])
         shutil.copy(folder / "rank0.pt", paths["checkpoint"])
         for name in ("losses", "quality", "samples"):
-            shutil.copy(folder / paths[name].name, paths[name])
+            shutil.copy(folder / f"{name}{paths[name].suffix}", paths[name])
     keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall",
             "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
             "epoch", "step", "status")
     summary = {k: status[k] for k in keys if k in status}
     summary["mlflow_run_id"] = run_id
-    paths["metrics"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    paths["report"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    comparable = ("fid", "kid", "inception_score", "class_coverage", "mean", "std", "wasserstein",
+                  "images_per_sec", "mlflow_run_id")
+    tracking.write_dvc_metrics(paths["metrics"], {k: summary[k] for k in comparable if k in summary})
     return summary
 
 

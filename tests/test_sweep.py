@@ -33,12 +33,14 @@ def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(swept_repo):
     usable = table[table["status"] != "diverged"]
     assert table.iloc[0]["fid"] == usable["fid"].min()  # the best row has the best metric
 
-    summary = json.loads((repo / "metrics/sweep.json").read_text())
+    summary = json.loads((repo / "sweep/summary.json").read_text())
     assert summary["trials"] == 4 and summary["diverged"] == 1
     assert summary["stopped_early"] == (table["status"] == "stopped_early").sum()
     assert summary["best_fid"] == pytest.approx(usable["fid"].min())
     assert 0 <= summary["budget_saved"] < 1
     assert summary["epochs_run"] == table["epochs_run"].sum()
+    metrics = json.loads((repo / "metrics/sweep.json").read_text())  # the DVC metric: what users compare
+    assert metrics == {"best_fid": pytest.approx(summary["best_fid"], rel=1e-3), "trials": 4}
 
     best = yaml.safe_load((repo / "sweep/best_params.yaml").read_text())
     assert set(best["train"]) == {"lr_d", "lr_g", "d_steps", "g_steps"}

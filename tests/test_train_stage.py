@@ -52,18 +52,18 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
     assert "epoch 2/2" in result.stdout + result.stderr  # rank 0's progress line reaches the console
 
     # DVC outputs
-    summary = json.loads((repo / "metrics/mnist/train.json").read_text())
+    summary = json.loads((repo / "metrics/train/mnist.json").read_text())
     for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl", "loss_d", "loss_g",
                 "images_per_sec", "wall_seconds", "mlflow_run_id"):
         assert key in summary, key
     assert summary["status"] == "completed" and summary["epoch"] == 2
     assert summary["fid"] > 0 and 0 <= summary["class_coverage"] <= 1 and summary["images_per_sec"] > 0
-    losses = pd.read_csv(repo / "plots/mnist/losses.csv")
+    losses = pd.read_csv(repo / "plots/losses/mnist.csv")
     assert {"step", "loss_d", "loss_g", "d_real", "d_fake"} <= set(losses.columns)
     assert losses["step"].is_monotonic_increasing and np.isfinite(losses[["loss_d", "loss_g"]]).all().all()
-    quality = pd.read_csv(repo / "plots/mnist/quality.csv")
+    quality = pd.read_csv(repo / "plots/quality/mnist.csv")
     assert list(quality["epoch"]) == [1, 2] and (quality["fid"] > 0).all()
-    assert (repo / "plots/mnist/samples.png").read_bytes().startswith(b"\x89PNG")
+    assert (repo / "plots/samples/mnist.png").read_bytes().startswith(b"\x89PNG")
     checkpoint = torch.load(repo / "models/mnist/checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 2
 
@@ -150,7 +150,7 @@ def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(mirror, tm
     assert int(run.data.tags["ganpipe.resumed_from_epoch"]) >= 1  # not restarted from scratch
     fid_steps = {m.step for m in mlflow_client(repo).get_metric_history(run.info.run_id, "quality/fid")}
     assert fid_steps == {1, 2, 3, 4, 5, 6}
-    summary = json.loads((repo / "metrics/mnist/train.json").read_text())
+    summary = json.loads((repo / "metrics/train/mnist.json").read_text())
     assert summary["epoch"] == 6 and summary["status"] == "completed"
 
 
@@ -183,7 +183,7 @@ def test_gaussian1d_pipeline_learns_the_distribution(tmp_path):
     summary = json.loads((repo / "metrics/gaussian1d/train.json").read_text())
     assert abs(summary["mean"] - 4.0) < 0.3 and abs(summary["std"] - 0.5) < 0.25, summary
     assert summary["wasserstein"] < 0.3
-    quality = pd.read_csv(repo / "plots/gaussian1d/quality.csv")
+    quality = pd.read_csv(repo / "plots/quality/gaussian1d.csv")
     assert list(quality["epoch"]) == [1, 2, 3]
     client = mlflow_client(repo)
     run = only_run(client, "gaussian1d")
