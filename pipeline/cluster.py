@@ -62,7 +62,13 @@ def connect(cfg: Config) -> None:
         return
     address = cfg.ray.address
     if address is None:
-        ray.init(address="local", logging_level="warning")
+        # Ray Train's placement-group cleaner finds its cluster through the State API. With another Ray
+        # instance on this machine its auto-detection fails, a stopped trial's worker group is never
+        # removed, and the next trial waits for its CPUs forever: name this cluster's dashboard for
+        # every process it starts.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", logging_level="warning", include_dashboard=True, dashboard_port=port)
         return
     target = resolve_address(address)
     wait_for_port(address, target, CONNECT_TIMEOUT_S)
@@ -72,6 +78,12 @@ def connect(cfg: Config) -> None:
         hint = " (is RAY_AUTH_TOKEN the cluster's token?)" if "auth" in str(err).lower() else ""
         raise ClusterError(f"params.yaml: ray.address = {address!r}: could not join the Ray cluster at "
                            f"{target[0]}:{target[1]}{hint}: {_first_line(err)}") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def resolve_address(address: str) -> tuple[str, int]:

@@ -205,8 +205,11 @@ def cluster(tmp_path_factory):
                                   "--backend-store-uri", f"sqlite:///{base / 'server' / 'mlflow.db'}",
                                   "--artifacts-destination", str(base / "server" / "artifacts")])
         (base / "server").mkdir()
+        # Ray's temp dirs hold AF_UNIX sockets (at most 107 bytes of path): keep them short, not in
+        # pytest's ever-longer numbered folders.
+        ray_temp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ganpipe-ray-", ignore_cleanup_errors=True)))
         ray_start = [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", "--disable-usage-stats"]
-        head = start("head", [*ray_start, "--head", f"--port={gcs_port}", f"--temp-dir={base / 'ray'}",
+        head = start("head", [*ray_start, "--head", f"--port={gcs_port}", f"--temp-dir={ray_temp / 'head'}",
                               f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
                               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"])
         # `ray start` says so once its node is registered; a second node may only join after that.
@@ -214,7 +217,7 @@ def cluster(tmp_path_factory):
         mounts = " && ".join(f"mount -t tmpfs tmpfs {repo / folder}" for folder in HEAD_ONLY)
         node2 = start("node2", ["unshare", "-m", "--propagation", "private", "sh", "-c",
                                 f"{mounts} && exec {' '.join(ray_start)} --address={address} "
-                                f"--node-ip-address={NODE2_IP} --temp-dir={base / 'ray2'} "
+                                f"--node-ip-address={NODE2_IP} --temp-dir={ray_temp / 'node2'} "
                                 f"--dashboard-agent-listen-port={free_port()} "
                                 f"--metrics-export-port={free_port()}"])
         subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, "2"], env=env, check=True, timeout=150)
@@ -242,11 +245,12 @@ def test_train_on_two_nodes_end_to_end(evaluated):
     result = cluster.run(["dvc", "repro", "train@mnist"])
     assert "epoch 2/2" in result.stdout + result.stderr
 
-    summary = json.loads((cluster.repo / "metrics/mnist/train.json").read_text())  # DVC outputs on the head
+    summary = json.loads((cluster.repo / "metrics/train/mnist.json").read_text())  # DVC outputs on the head
     assert summary["status"] == "completed" and summary["epoch"] == 2 and summary["fid"] > 0
-    for output in ("models/mnist/generator.pt", "models/mnist/checkpoint.pt", "plots/mnist/samples.png"):
+    for output in ("models/mnist/generator.pt", "models/mnist/checkpoint.pt", "plots/samples/mnist.png",
+                   "metrics/mnist/train.json"):
         assert (cluster.repo / output).stat().st_size > 0, output
-    assert list(pd.read_csv(cluster.repo / "plots/mnist/quality.csv")["epoch"]) == [1, 2]
+    assert list(pd.read_csv(cluster.repo / "plots/quality/mnist.csv")["epoch"]) == [1, 2]
     assert not cluster.node2_sees("models/mnist")
 
     client = cluster.client()
@@ -270,7 +274,7 @@ def test_sweep_on_two_nodes(evaluated):
     table = pd.read_csv(cluster.repo / "sweep/results.csv")
     assert len(table) == 2 and set(table["status"]) <= {"completed", "stopped_early"}
     assert table["fid"].notna().all()
-    summary = json.loads((cluster.repo / "metrics/sweep.json").read_text())
+    summary = json.loads((cluster.repo / "sweep/summary.json").read_text())
     assert summary["trials"] == 2 and summary["failed"] == 0
 
     runs = runs_on_server(cluster)
@@ -302,7 +306,7 @@ def test_killed_worker_on_second_node_resumes_from_shared_storage(evaluated):
         end_process_tree(process)
     assert process.returncode == 0, output[-5000:]
 
-    summary = json.loads((cluster.repo / "metrics/mnist/train.json").read_text())
+    summary = json.loads((cluster.repo / "metrics/train/mnist.json").read_text())
     assert summary["epoch"] == 5 and summary["status"] == "completed"
     client = cluster.client()
     run = client.get_run(summary["mlflow_run_id"])
@@ -323,7 +327,7 @@ BAD_SETTINGS = {
                             ["train.batch_size = 1 cannot be split evenly over ray.num_workers = 2"]),
     "batch_over_shard": ({"train": {"batch_size": 400}}, "train",
                          [f"more than its shard of {TRAIN_IMAGES // 2} training images"]),
-    "too_many_workers": ({"ray": {"num_workers": 3}}, "train",
+    "too_many_workers": ({"ray": {"num_workers": 3}, "train": {"batch_size": 66}}, "train",
                          ["ray.num_workers: a run needs 3 worker(s) of 1 CPU", "can never hold it", NODE2_IP]),
     "gpus_on_cpu_cluster": ({"ray": {"use_gpu": True}}, "train",
                             ["ray.num_workers: a run needs 2 worker(s) of 1 GPU", "set ray.use_gpu: false"]),
