@@ -33,7 +33,8 @@ def _stage(module_name: str):
         if args.dataset not in cfg.data.datasets:
             raise ConfigError(f"{args.params}: --dataset {args.dataset!r} is not in data.datasets "
                               f"(allowed: {', '.join(cfg.data.datasets)})")
-        importlib.import_module(f"pipeline.{module_name}").run(cfg, args.dataset)
+        options = {"fresh": args.fresh} if module_name == "train" else {}
+        importlib.import_module(f"pipeline.{module_name}").run(cfg, args.dataset, **options)
     return command
 
 
@@ -53,7 +54,7 @@ def _tool(name: str):
 def _sweep(args: argparse.Namespace) -> None:
     from pipeline import sweep
 
-    sweep.run(load_config(args.params, _preset_override(args)))
+    sweep.run(load_config(args.params, _preset_override(args)), fresh=args.fresh)
 
 
 def _preset_override(args: argparse.Namespace) -> dict:
@@ -71,6 +72,7 @@ def _ui(args: argparse.Namespace) -> None:
 
 
 PRESET_HELP = "a recipe from presets/ laid over params.yaml (default: params.yaml's preset)"
+FRESH_HELP = "start over, even when an interrupted run with the same params could be resumed"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dataset", required=True)
         if name == "train":
             sub.add_argument("--preset", help=PRESET_HELP)
+            sub.add_argument("--fresh", action="store_true", help=FRESH_HELP)
         sub.set_defaults(func=_stage(name))
 
     sweep = commands.add_parser("sweep", help="Ray Tune over params.yaml's sweep.space, logged to MLflow")
     sweep.add_argument("--preset", help=PRESET_HELP)
+    sweep.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     sweep.set_defaults(func=_sweep)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/)")

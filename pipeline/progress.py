@@ -1,4 +1,4 @@
-"""Progress on the terminal: rank 0's bar per epoch, and the sweep's trials done out of total.
+"""Progress on the terminal: rank 0's bar per epoch, saved checkpoints, and the sweep's trials done out of total.
 
 Both show only when the driver's stdout and stderr are terminals, so CI and
 `dvc repro` logs stay line-oriented. The epoch bar is fed by the engine's
@@ -37,6 +37,21 @@ class EpochBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def checkpoint_callback():
+    """A Ray Train callback that says on the console when Ray has registered a checkpoint.
+
+    From that line on, a killed worker or driver resumes from that epoch, not earlier.
+    """
+    from ray.train import UserCallback
+
+    class CheckpointSaved(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                print(f"checkpoint of epoch {metrics[0]['epoch']} saved: a restart resumes from it", flush=True)
+
+    return CheckpointSaved()
 
 
 def trial_count(space: dict, num_samples: int, grid: bool) -> int:

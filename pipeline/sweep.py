@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline import cluster, tracking
+from pipeline import cluster, resume, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, validate
 from pipeline.preprocess import load_processed
 from pipeline.progress import on_terminal, sweep_callback, trial_count
@@ -110,6 +109,8 @@ def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
         [setup["experiment_id"]],
         filter_string=f"tags.mlflow.parentRunId = '{setup['parent_run_id']}' and tags.`ray.trial_id` = '{trial_id}'")
     if existing:
+        if existing[0].info.status != "RUNNING":  # ended as interrupted with its sweep's driver
+            client.update_run(existing[0].info.run_id, status="RUNNING")
         return existing[0].info.run_id
     _, run_id = tracking.start_run(
         cfg, cfg.sweep.dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
@@ -206,7 +207,8 @@ def best_vs_worst(table: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
+def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFrame:
+    """Sweep, or resume the interrupted sweep with the same identity (``fresh``: start over)."""
     if cfg.sweep is None:
         raise ConfigError("params.yaml: the sweep section is missing (see the README's sweep example)")
     sweep, root = cfg.sweep, root.resolve()
@@ -215,7 +217,6 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
                           f"(allowed: {', '.join(cfg.data.datasets)})")
     from ray import tune
 
-    name = f"sweep-{sweep.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Every check before the parent run exists: a bad setting leaves nothing RUNNING.
     arrays = load_processed(sweep.dataset, root)
     pbt = sweep.scheduler == "pbt"
@@ -239,42 +240,63 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
     cluster.check_shared(uri, storage, nodes)
     inputs = cluster.put_inputs(sweep.dataset, root, arrays)
 
-    client, parent_id = tracking.start_run(cfg, sweep.dataset, root, stage="sweep", ray_run_name=name,
-                                           params_hash=params_hash(root / "params.yaml"), name=name)
-    client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")
+    git = tracking.git_state(root)
+    identity = resume.run_identity(cfg, stage="sweep", dataset=sweep.dataset, use_gpu=use_gpu,
+                                   git_commit=git["git.commit"])
+    name = f"sweep-{sweep.dataset}-{identity}"
+    client = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, sweep.dataset), root)
+    interrupted = resume.take_over(client, experiment_id, stage="sweep", identity=identity, fresh=fresh)
+    if interrupted:
+        parent_id = interrupted.info.run_id
+        print(f"sweep: resuming the interrupted sweep {name} (MLflow parent run {parent_id}): finished trials "
+              "are kept, unfinished ones continue from their checkpoints")
+    else:
+        resume.clear_storage(storage, name)  # a finished sweep's trials must not be restored
+        _clear_study(root, name)
+        client, parent_id = tracking.start_run(
+            cfg, sweep.dataset, root, stage="sweep", ray_run_name=name, params_hash=params_hash(root / "params.yaml"),
+            name=name, uri=uri, git=git, extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()})
+        client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")
+        print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
+    study_storage = _study_storage(cfg, root, name)
     worst = math.inf if sweep.mode == "min" else -math.inf
     setup = {"params": cfg.model_dump(mode="json"), "root": str(root), "tracking_uri": uri, "name": name,
-             "storage": storage, "inputs": inputs, "use_gpu": use_gpu, "git": tracking.git_state(root),
-             "parent_run_id": parent_id, "experiment_id": client.get_run(parent_id).info.experiment_id,
+             "storage": storage, "inputs": inputs, "use_gpu": use_gpu, "git": git,
+             "parent_run_id": parent_id, "experiment_id": experiment_id,
              "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst},
              "lineage": tracking.lineage_tags()}  # trials may run where DVC_EXP_NAME is not set
-    print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
-    study_folder = tempfile.TemporaryDirectory()  # Optuna's study, read back once the sweep ends
-    study_storage = _study_storage(cfg, Path(study_folder.name))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                    {key.lower(): amount for key, amount in share.items()})
     try:
-        searcher = search_algorithm(cfg, study_storage, name)
-        # On a terminal a bar of trials done and the best metric replaces Tune's periodic status tables.
-        grid = sweep.scheduler != "pbt" and sweep.search == "random"  # as search_space() builds it
-        progress = [sweep_callback(trial_count(sweep.space, sweep.num_samples, grid), sweep.metric,
-                                   sweep.mode)] if on_terminal() else []
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_trial, setup=setup),
-                                {key.lower(): amount for key, amount in share.items()}),
-            param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler(cfg),
-                                        search_alg=searcher, num_samples=sweep.num_samples,
-                                        max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=progress,
-                                      verbose=0 if progress else 1),
-        )
-        results = tuner.fit()
+        experiment_path = f"{storage.rstrip('/')}/{name}"
+        if interrupted and tune.Tuner.can_restore(experiment_path):
+            # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, param_space=search_space(cfg))
+        else:
+            searcher = search_algorithm(cfg, study_storage, name)
+            # On a terminal a bar of trials done and the best metric replaces Tune's periodic status tables.
+            grid = sweep.scheduler != "pbt" and sweep.search == "random"  # as search_space() builds it
+            progress = [sweep_callback(trial_count(sweep.space, sweep.num_samples, grid), sweep.metric,
+                                       sweep.mode)] if on_terminal() else []
+            tuner = tune.Tuner(
+                trainable, param_space=search_space(cfg),
+                tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler(cfg),
+                                            search_alg=searcher, num_samples=sweep.num_samples,
+                                            max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=progress,
+                                          verbose=0 if progress else 1),
+            )
+        with resume.Heartbeat(client, parent_id):
+            results = tuner.fit()
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
             [setup["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
         # Distinct epochs: a PBT trial that exploits another's checkpoint logs some epochs again.
         epochs_trained = {run_id: len({m.step for m in client.get_metric_history(run_id, "quality/fid")})
                           for run_id in children.values()}
         table = results_table(results, cfg, children, epochs_trained)
-        if searcher is not None:
+        if study_storage is not None:
             trials = optuna_trials(cfg, study_storage, name)
             table = label_searched_by(table, trials, list(sweep.space))
             client.log_text(parent_id, trials.to_csv(index=False), "optuna_trials.csv")
@@ -286,19 +308,25 @@ def run(cfg: Config, root: Path = Path(".")) -> pd.DataFrame:
     except BaseException as err:
         tracking.end_run(client, parent_id, "failed", f"{type(err).__name__}: {err}")
         raise
-    finally:
-        study_folder.cleanup()
     tracking.end_run(client, parent_id, "completed")
     return table
 
 
-def _study_storage(cfg: Config, folder: Path):
-    """A SQLite file for Optuna's study: the searcher runs in this (the driver's) process."""
+STUDY_FOLDER = Path(".ganpipe") / "optuna"  # beside the project: survives the driver, not a DVC output
+
+
+def _study_storage(cfg: Config, root: Path, name: str):
+    """A SQLite file for Optuna's study, kept for a resumed sweep: the searcher runs in the driver's process."""
     if cfg.sweep.search != "optuna":
         return None
     import optuna
 
-    return optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.db'}")
+    (root / STUDY_FOLDER).mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{root / STUDY_FOLDER / name}.db")
+
+
+def _clear_study(root: Path, name: str) -> None:
+    (root / STUDY_FOLDER / f"{name}.db").unlink(missing_ok=True)
 
 
 def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:

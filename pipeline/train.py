@@ -12,7 +12,10 @@ Workers (``train_loop``): each holds only its shard of the data on its device,
 trains with the engine in ``gan/``, and every ``checkpoint_every`` epochs reports
 a checkpoint to ``ray.storage_path``. Rank 0 evaluates quality and logs to MLflow.
 A killed worker makes Ray restart the group (``ray.max_failures``); it resumes
-from the last checkpoint and keeps logging into the same MLflow run.
+from the last checkpoint and keeps logging into the same MLflow run. A killed
+driver is survived too: the Ray run is named after the run's identity
+(``pipeline.resume``), so running the stage again finds the interrupted run's
+checkpoints in ``ray.storage_path`` and its MLflow run, and continues both.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from mlflow.tracking import MlflowClient
 
 from gan.data import DATASETS, DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.images import density_plot, image_grid, save_png
 from gan.metrics import evaluate
 from gan.models import build_models
-from pipeline import cluster, tracking
+from pipeline import cluster, resume, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
-from pipeline.progress import EpochBar, on_terminal
+from pipeline.progress import EpochBar, checkpoint_callback, on_terminal
 from pipeline.preprocess import load_processed, processed_paths
 
 # MLflow metric keys, grouped by prefix so the UI charts them together.
@@ -167,7 +171,10 @@ def train_loop(loop_config: dict, session=None) -> None:
 
     logger = _RankZeroLogger(loop_config, cfg, dataset, device) if rank == 0 else None
     if logger and start_epoch > 1:
-        logger.client.set_tag(logger.run_id, "ganpipe.resumed_from_epoch", str(start_epoch - 1))
+        logger.client.set_tag(logger.run_id, resume.TAG_RESUMED, str(start_epoch - 1))
+    if start_epoch > cfg.train.epochs:  # the driver died after the last checkpoint: report it again
+        session.report(state["metrics"], folder=None)
+        return
     started = time.perf_counter()
     status, reason, quality = "completed", "", {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -198,8 +205,8 @@ def train_loop(loop_config: dict, session=None) -> None:
         if last or epoch % cfg.train.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as folder:
                 folder = Path(folder)
-                torch.save({"trainer": trainer.state_dict(), "batches": batches.state_dict(), "epoch": epoch},
-                           folder / f"rank{rank}.pt")
+                torch.save({"trainer": trainer.state_dict(), "batches": batches.state_dict(), "epoch": epoch,
+                            "metrics": metrics}, folder / f"rank{rank}.pt")
                 if logger:
                     history.save(folder)
                     logger.write_outputs(trainer, folder, {**metrics, "reason": reason,
@@ -289,7 +296,11 @@ def storage_path(cfg: Config, root: Path) -> str:
 
 def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool, mlflow_run_id: str,
         tracking_uri: str, ray_run_name: str, callbacks: list | None = None, diverged_metrics: dict | None = None):
-    """One TorchTrainer fit; returns the Ray Result (its checkpoint holds rank 0's outputs)."""
+    """One TorchTrainer fit; returns the Ray Result (its checkpoint holds rank 0's outputs).
+
+    A run folder ``<storage>/<ray_run_name>`` left by an interrupted fit makes Ray
+    resume from its latest checkpoint.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -321,9 +332,10 @@ def read_status(result) -> dict:
         return json.loads((Path(folder) / STATUS_FILE).read_text())
 
 
-def run(cfg: Config, dataset: str, root: Path = Path(".")) -> dict:
+def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) -> dict:
+    """Train, or resume the interrupted run with the same identity (``fresh``: start over)."""
     root = root.resolve()
-    ray_run_name = f"train-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stage = f"train@{dataset}"
     # Every check before the MLflow run exists: a bad setting leaves nothing RUNNING.
     arrays = load_processed(dataset, root)
     cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, len(arrays["x_train"]))
@@ -333,12 +345,27 @@ def run(cfg: Config, dataset: str, root: Path = Path(".")) -> dict:
     cluster.check_resources(cfg, nodes, workers=cfg.ray.num_workers, use_gpu=use_gpu, key="ray.num_workers")
     cluster.check_shared(uri, storage, nodes)
     inputs = cluster.put_inputs(dataset, root, arrays)
-    client, run_id = tracking.start_run(cfg, dataset, root, stage=f"train@{dataset}", ray_run_name=ray_run_name,
-                                        params_hash=params_hash(root / "params.yaml"))
-    print(f"train@{dataset}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
+
+    git = tracking.git_state(root)
+    identity = resume.run_identity(cfg, stage=stage, dataset=dataset, use_gpu=use_gpu, git_commit=git["git.commit"])
+    ray_run_name = f"train-{dataset}-{identity}"
+    client = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, dataset), root)
+    interrupted = resume.take_over(client, experiment_id, stage=stage, identity=identity, fresh=fresh)
+    if interrupted:
+        run_id = interrupted.info.run_id
+        print(f"{stage}: resuming the interrupted MLflow run {run_id} from its last checkpoint in "
+              f"{storage}/{ray_run_name}")
+    else:
+        resume.clear_storage(storage, ray_run_name)  # a finished run's checkpoints must not be resumed
+        client, run_id = tracking.start_run(cfg, dataset, root, stage=stage, ray_run_name=ray_run_name,
+                                            params_hash=params_hash(root / "params.yaml"), uri=uri, git=git,
+                                            extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()})
+        print(f"{stage}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
     try:
-        result = fit(cfg, dataset, storage=storage, inputs=inputs, use_gpu=use_gpu, mlflow_run_id=run_id,
-                     tracking_uri=uri, ray_run_name=ray_run_name)
+        with resume.Heartbeat(client, run_id):
+            result = fit(cfg, dataset, storage=storage, inputs=inputs, use_gpu=use_gpu, mlflow_run_id=run_id,
+                         tracking_uri=uri, ray_run_name=ray_run_name, callbacks=[checkpoint_callback()])
         status = read_status(result)
         if status["status"] == "failed":
             raise RuntimeError(status["reason"])

@@ -9,15 +9,18 @@ import gzip
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -195,3 +198,75 @@ def swept_repo(tmp_path_factory) -> tuple[Path, str]:
         sweep = run_cmd(["dvc", "repro", "sweep"], repo)
         run_cmd(["dvc", "repro", "train@mnist"], repo)
     return repo, sweep.stdout
+
+
+def end_process_tree(process: subprocess.Popen) -> None:
+    """SIGTERM the process, then SIGKILL it and every descendant it had, each by its pid."""
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
+def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, f"{what}: the process ended (rc {process.returncode})"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def read_until(process: subprocess.Popen, pattern: str, seen: list[str]) -> re.Match:
+    """Read the process's output (``seen`` keeps it) until a line matches ``pattern``."""
+    for line in process.stdout:
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"the output ended without {pattern!r}:\n" + "".join(seen)[-4000:])
+
+
+# What Ray and MLflow processes look like on a command line (Ray's own processes and workers, MLflow servers).
+TOOL_PROCESS = re.compile(r"raylet|gcs_server|ray::|ray/_private|ray/dashboard|ray/autoscaler|\bray start|mlflow")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite():
+    """Fails the suite if a Ray or MLflow process that a test started is still alive at the end (then ends it)."""
+    started = time.time()
+    before = {process.pid for process in psutil.process_iter()}
+
+    def leftovers() -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter(["cmdline", "create_time"]):
+            command = " ".join(process.info["cmdline"] or [])
+            if process.pid not in before and process.info["create_time"] >= started and TOOL_PROCESS.search(command):
+                found.append(process)
+        return found
+
+    yield
+    deadline = time.monotonic() + 60  # Ray's processes take a few seconds to follow their driver out
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(1)
+    left = leftovers()
+    for process in left:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, "processes started by the tests outlived the suite: " + "; ".join(
+        f"pid {p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in left)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
+import socket
 import subprocess
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import make_dvc_repo, project_params, run_cmd, tool_env
+from conftest import end_process_tree, make_dvc_repo, project_params, read_until, run_cmd, tool_env
 
 pytestmark = pytest.mark.integration
 
@@ -125,37 +126,60 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
     assert 0.001 in lrs
 
 
-def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(mirror, tmp_path):
-    EPOCHS = 20  # half a second each: enough left to kill mid-run once a checkpoint is registered
-    repo = make_dvc_repo(tmp_path / "repo", small_params(mirror.url, epochs=EPOCHS, eval_samples=1000))
-    run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-    process = subprocess.Popen(["ganpipe", "train", "--dataset", "mnist"], cwd=repo, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=tool_env())
-    try:
-        # Ray registers a reported checkpoint a little later, when its controller polls the workers;
-        # it then writes its checkpoint manager's snapshot. Kill only after that, so the restarted group
-        # must resume. Ray prefixes each worker's lines with its pid: the kill hits this run's worker.
-        seen, workers = [], set()
-        snapshots = lambda: list((repo / "ray_results").glob("*/checkpoint_manager_snapshot.json"))  # noqa: E731
-        for line in process.stdout:
-            seen.append(line)
-            workers.update(int(pid) for pid in re.findall(r"RayTrainWorker pid=(\d+)", line))
-            if len(workers) == 2 and snapshots():
-                break
-        assert len(workers) == 2 and snapshots(), "".join(seen)[-3000:]
-        os.kill(max(workers), signal.SIGKILL)
-        output, _ = process.communicate(timeout=600)
-    finally:
-        process.kill()
-    assert process.returncode == 0, output[-3000:]
+def stale_run(client, stage: str) -> str:
+    """A RUNNING run of ``stage`` whose driver is gone (a pid that no longer lives): what SIGKILL leaves behind."""
+    from pipeline import resume
 
-    run = only_run(mlflow_client(repo))  # continued, not forked into a second run
-    assert run.info.status == "FINISHED"
-    assert int(run.data.tags.get("ganpipe.resumed_from_epoch", 0)) >= 1, output[-3000:]  # not restarted from scratch
-    fid_steps = {m.step for m in mlflow_client(repo).get_metric_history(run.info.run_id, "quality/fid")}
-    assert fid_steps == set(range(1, EPOCHS + 1))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    experiment = client.get_experiment_by_name("ganpipe-mnist")
+    run = client.create_run(experiment.experiment_id, run_name="stale", tags={
+        "dvc.stage": stage, resume.TAG_IDENTITY: "another-identity",
+        resume.TAG_DRIVER: f"{socket.gethostname()} {dead.pid} {time.time():.2f}"})
+    return run.info.run_id
+
+
+def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(mirror, tmp_path):
+    EPOCHS = 5
+    repo = make_dvc_repo(tmp_path / "repo", small_params(mirror.url, epochs=EPOCHS, eval_samples=1000))
+    run_cmd(["dvc", "repro", "train@mnist"], repo)
+    reference = json.loads((repo / "metrics/train/mnist.json").read_text())  # uninterrupted, same seed
+
+    # The same run again (a finished run is never resumed: this one starts at epoch 1), SIGKILLed with its
+    # whole process group, DVC and the driver, once Ray has registered the checkpoint of epoch 2.
+    process = subprocess.Popen(["dvc", "repro", "--force", "train@mnist"], cwd=repo, text=True, env=tool_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: list[str] = []
+    try:
+        read_until(process, r"checkpoint of epoch 2 saved", seen)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        end_process_tree(process)
+    client = mlflow_client(repo)
+    killed = [r for r in client.search_runs([client.get_experiment_by_name("ganpipe-mnist").experiment_id])
+              if r.info.run_id != reference["mlflow_run_id"]]
+    assert len(killed) == 1 and killed[0].info.status == "RUNNING"  # nothing could end it
+    stale_id = stale_run(client, "train@mnist")
+
+    result = run_cmd(["dvc", "repro", "train@mnist"], repo)  # DVC removed the outputs: it runs the stage again
+    output = result.stdout + result.stderr
+    assert f"resuming the interrupted MLflow run {killed[0].info.run_id}" in output, "".join(seen)[-3000:]
     summary = json.loads((repo / "metrics/train/mnist.json").read_text())
-    assert summary["epoch"] == EPOCHS and summary["status"] == "completed"
+    assert summary["mlflow_run_id"] == killed[0].info.run_id and summary["epoch"] == EPOCHS
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    resumed_from = int(run.data.tags["ganpipe.resumed_from_epoch"])
+    assert 2 <= resumed_from <= 3, output[-3000:]  # at most one checkpoint interval lost
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "quality/fid")} == set(range(1, EPOCHS + 1))
+    # Resume is exact: the interrupted run ends where the uninterrupted one did.
+    for key in ("fid", "kid", "class_coverage", "loss_d", "loss_g"):
+        assert summary[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+
+    stale = client.get_run(stale_id)  # ended by the stage that started next
+    assert stale.info.status == "KILLED" and stale.data.tags["ganpipe.status"] == "interrupted"
+    running = [r for r in client.search_runs([run.info.experiment_id]) if r.info.status == "RUNNING"]
+    assert not running
 
 
 def test_diverged_run_is_marked_failed_with_reason(mirror, tmp_path):

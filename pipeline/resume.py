@@ -1,0 +1,140 @@
+"""Long runs survive their driver: which earlier run is "the same run", taking it over, ending zombies.
+
+A stage's run is identified by what makes it the same run: the stage, the dataset,
+the params that shape its training and the git commit (``run_identity``). Its Ray
+run name carries that identity, so re-running an interrupted stage points Ray at
+the same folder in ``ray.storage_path``, where Ray Train and Tune find their
+checkpoints and resume.
+
+A driver killed with SIGKILL cannot end its MLflow run, so every run records its
+driver (host, pid and start time, plus a heartbeat tag for drivers on other
+hosts). When a stage starts, ``take_over`` looks at this stage's RUNNING runs
+whose driver is gone: the one with the same identity is resumed in place, every
+other one is ended KILLED with ``ganpipe.status=interrupted``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+
+import psutil
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Config, ConfigError
+from pipeline.tracking import TAG_STATUS
+
+TAG_IDENTITY = "ganpipe.identity"
+TAG_DRIVER = "ganpipe.driver"         # "<host> <pid> <process start time>"
+TAG_HEARTBEAT = "ganpipe.heartbeat"   # unix seconds, refreshed while the driver lives
+TAG_RESUMED = "ganpipe.resumed_from_epoch"
+INTERRUPTED = "interrupted"          # the ganpipe.status of a run whose driver died
+HEARTBEAT_SECONDS = 30
+# A driver on another host is taken for dead when its heartbeat is this old.
+STALE_SECONDS = 5 * HEARTBEAT_SECONDS
+
+
+def run_identity(cfg: Config, *, stage: str, dataset: str, use_gpu: bool, git_commit: str) -> str:
+    """A short hash of what makes a run the same run; MLflow, storage and cluster addresses do not count."""
+    shaping = {"stage": stage, "dataset": dataset, "model": cfg.model.model_dump(mode="json"),
+               "train": cfg.train.model_dump(mode="json"), "evaluator": cfg.evaluator.model_dump(mode="json"),
+               "num_workers": cfg.ray.num_workers, "use_gpu": use_gpu, "commit": git_commit}
+    if stage == "sweep":
+        shaping["sweep"] = cfg.sweep.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def driver_tags() -> dict[str, str]:
+    me = psutil.Process()
+    return {TAG_DRIVER: f"{socket.gethostname()} {me.pid} {me.create_time():.2f}", TAG_HEARTBEAT: f"{time.time():.0f}"}
+
+
+def driver_alive(run) -> bool:
+    """Whether the process that drives this run still lives: by pid on this host, by heartbeat elsewhere."""
+    tags = run.data.tags
+    host, pid, started = (tags.get(TAG_DRIVER, "").split() + ["", "", ""])[:3]
+    if host == socket.gethostname():
+        try:
+            return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
+        except (psutil.NoSuchProcess, ValueError):
+            return False
+    beat = float(tags.get(TAG_HEARTBEAT, run.info.start_time / 1000))
+    return time.time() - beat < STALE_SECONDS
+
+
+def take_over(client: MlflowClient, experiment_id: str, *, stage: str, identity: str, fresh: bool):
+    """The interrupted run of this stage and identity to resume (or None); other interrupted runs end KILLED.
+
+    An interrupted run is a RUNNING run whose driver is gone, or one an earlier stage
+    already ended as interrupted. Only the newest run of an identity is resumed, and
+    only when it did not finish: a finished run is DVC's to re-run or not.
+    """
+    mine = client.search_runs([experiment_id], filter_string=f"tags.`dvc.stage` = '{stage}'",
+                              order_by=["attributes.start_time DESC"], max_results=1000)
+    top_level = [run for run in mine if "mlflow.parentRunId" not in run.data.tags]
+    for run in top_level:
+        if run.info.status == "RUNNING" and run.data.tags.get(TAG_IDENTITY) == identity and driver_alive(run):
+            host, pid, _ = run.data.tags[TAG_DRIVER].split()
+            raise ConfigError(f"{stage} with these params is already running (MLflow run {run.info.run_id}, "
+                              f"pid {pid} on {host}); wait for it or stop it first")
+    newest = next((run for run in top_level if run.data.tags.get(TAG_IDENTITY) == identity), None)
+    resumable = newest is not None and not fresh and (
+        newest.info.status == "RUNNING" or newest.data.tags.get(TAG_STATUS) == INTERRUPTED)
+    for run in top_level:
+        if run.info.status == "RUNNING" and not driver_alive(run) and not (resumable and run is newest):
+            end_interrupted(client, run.info.run_id, experiment_id)
+    if not resumable:
+        return None
+    client.update_run(newest.info.run_id, status="RUNNING")
+    for key, value in driver_tags().items():
+        client.set_tag(newest.info.run_id, key, value)
+    return newest
+
+
+def end_interrupted(client: MlflowClient, run_id: str, experiment_id: str) -> None:
+    """End a run whose driver died, and its children still RUNNING, as KILLED with ganpipe.status=interrupted."""
+    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}' "
+                                                                 "and attributes.status = 'RUNNING'")
+    for run_to_end in [run_id, *(child.info.run_id for child in children)]:
+        client.set_tag(run_to_end, TAG_STATUS, INTERRUPTED)
+        client.set_terminated(run_to_end, RunStatus.to_string(RunStatus.KILLED))
+    print(f"MLflow run {run_id} was left RUNNING by a driver that is gone: ended KILLED (interrupted)")
+
+
+class Heartbeat:
+    """Refreshes the run's heartbeat tag while the driver lives (a daemon thread), for hosts that cannot see its pid."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="ganpipe-heartbeat")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.client.set_tag(self.run_id, TAG_HEARTBEAT, f"{time.time():.0f}")
+            except Exception:  # a store that blips must not end the run; the next beat retries
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def clear_storage(storage: str, name: str) -> None:
+    """Remove the Ray run folder ``<storage>/<name>`` (a local path or a URI) so a fresh run starts at epoch 1."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else os.path.abspath(storage))
+    folder = f"{root.rstrip('/')}/{name}"
+    if filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(folder)
