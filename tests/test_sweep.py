@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import HUGE_LR, make_dvc_repo, project_params, run_cmd, serve_mirror, sweep_params
+from conftest import (HUGE_LR, end_process_tree, make_dvc_repo, project_params, run_cmd, serve_mirror,
+                      sweep_params, tool_env, wait_until)
 from pipeline.config import ConfigError, apply_overrides, validate
 from pipeline.search import pbt_mutations, search_space
 from pipeline.sweep import trial_config
@@ -86,18 +90,36 @@ def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(swept_repo):
 
 
 @pytest.mark.integration
-def test_optuna_search_picks_later_trials_with_tpe(tmp_path):
-    """sweep.search: optuna with one random startup trial: the next two come from TPE's model of the results."""
+def test_killed_optuna_sweep_resumes_without_training_finished_trials_again(tmp_path):
+    """sweep.search: optuna with one random startup trial, SIGKILLed once a trial finished, then run again.
+
+    The re-run restores the Tune experiment and the Optuna study: the finished trial is not
+    trained again, the rest continue, and the later trials come from TPE's model of the results.
+    """
     with serve_mirror() as state:
         params = sweep_params(state.url)
         params["train"]["epochs"] = 1
-        params["sweep"].update(search="optuna", startup_trials=1, scheduler="fifo", num_samples=3, epochs=1,
+        params["sweep"].update(search="optuna", startup_trials=1, scheduler="fifo", num_samples=3, epochs=2,
                                space={"lr_d": {"loguniform": [0.005, 0.05]}, "lr_g": {"loguniform": [0.005, 0.05]},
                                       "d_steps": [1, 2]})
         repo = make_dvc_repo(tmp_path / "repo", params)
-        run_cmd(["dvc", "repro", "sweep"], repo)
+        run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
+        process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=tool_env(), text=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            # Tune's saved experiment state records the first finished trial: kill the whole process group then.
+            finished = lambda: any("TERMINATED" in path.read_text()  # noqa: E731
+                                   for path in (repo / "ray_results").glob("sweep-mnist-*/experiment_state-*.json"))
+            wait_until(finished, 600, "a finished trial in the sweep's saved state", process)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+        finally:
+            end_process_tree(process)
+        rerun = run_cmd(["dvc", "repro", "sweep"], repo)
+    assert "resuming the interrupted sweep" in rerun.stdout
+
     table = pd.read_csv(repo / "sweep/results.csv")
-    assert len(table) == 3 and set(table["status"]) == {"completed"}
+    assert len(table) == 3 and table["trial_id"].is_unique and set(table["status"]) == {"completed"}
     # max_concurrent_trials 1: trial 1 finished before TPE was asked for trials 2 and 3
     assert sorted(table["searched_by"]) == ["random", "tpe", "tpe"]
     assert set(table["d_steps"]) <= {1, 2}  # a list is a choice for Optuna, not a grid
@@ -105,11 +127,18 @@ def test_optuna_search_picks_later_trials_with_tpe(tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
-    parent = next(r for r in client.search_runs([client.get_experiment_by_name("ganpipe-mnist").experiment_id])
-                  if r.data.tags.get("dvc.stage") == "sweep" and "mlflow.parentRunId" not in r.data.tags)
-    study = pd.read_csv(client.download_artifacts(parent.info.run_id, "optuna_trials.csv", str(tmp_path)))
+    runs = client.search_runs([client.get_experiment_by_name("ganpipe-mnist").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("dvc.stage") == "sweep" and "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent run, reused
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert {child.info.run_id for child in children} == set(table["mlflow_run_id"])
+    assert {r.info.status for r in runs} == {"FINISHED"}  # nothing left RUNNING
+    first = table.loc[table["searched_by"] == "random", "mlflow_run_id"].item()
+    fids = client.get_metric_history(first, "quality/fid")
+    assert sorted(m.step for m in fids) == [1, 2]  # trained once: no epoch logged twice
+
+    study = pd.read_csv(client.download_artifacts(parents[0].info.run_id, "optuna_trials.csv", str(tmp_path)))
     assert list(study["number"]) == [0, 1, 2] and set(study["state"]) == {"COMPLETE"}
-    assert list(study["finished_before"]) == [0, 1, 2]
     assert sorted(study["value"]) == pytest.approx(sorted(table["fid"]))  # Optuna was told every trial's FID
 
 
