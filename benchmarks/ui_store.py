@@ -16,39 +16,13 @@ worker) take about 8 minutes on a 2-core CPU; the README's pictures used
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from gan.data import load_idx_split  # noqa: E402
-from real_mnist import idx_gz  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
-FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-
-
-def subset_mirror(data: Path, mirror: Path, train_images: int) -> None:
-    """The real IDX files, the train split cut to its first ``train_images`` digits."""
-    mirror.mkdir(parents=True)
-    for split, (images_name, labels_name) in FILES.items():
-        images, labels = load_idx_split(data / images_name, data / labels_name)
-        if split == "train":
-            images, labels = images[:train_images], labels[:train_images]
-        (mirror / images_name).write_bytes(idx_gz(images))
-        (mirror / labels_name).write_bytes(idx_gz(labels))
+from scratch import REPO, project_params, run, scratch_repo, subset_mirror  # benchmarks/ is on sys.path
 
 
 def store_params(mirror: Path, args) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(datasets=["mnist"], mirrors={"mnist": [str(mirror)]}, verify_checksums=False)
+    params = project_params(mirror)
     params["model"].update(name="dcgan", channels=32)
     params["evaluator"].update(epochs=3)
     params["train"].update(epochs=args.epochs, batch_size=64, eval_samples=2000, log_every=20)
@@ -60,14 +34,6 @@ def store_params(mirror: Path, args) -> dict:
         space={"lr_g": {"loguniform": [1.0e-4, 1.0e-3]}, "lr_d": {"loguniform": [1.0e-4, 1.0e-3]},
                "d_steps": [1, 2]})
     return params
-
-
-def run(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the repository's own SQLite store
-    started = time.perf_counter()
-    subprocess.run(args, cwd=cwd, env=env, check=True)
-    print(f"{' '.join(args)}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -82,17 +48,10 @@ def main() -> None:
     args = parser.parse_args()
 
     repo = args.out.resolve()
-    subset_mirror(args.data, repo.parent / f"{repo.name}-mirror", args.train_images)
-    repo.mkdir(parents=True)
-    shutil.copy(REPO / "dvc.yaml", repo)
-    for package in ("gan", "pipeline"):
-        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(store_params(repo.parent / f"{repo.name}-mirror", args),
-                                                     sort_keys=False))
-    (repo / ".gitignore").write_text("mlruns/\nray_results/\n")
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=ganpipe", "-c", "user.email=ganpipe@localhost", "commit", "-qm", "store"],
-                    ["dvc", "repro", "train@mnist"], ["dvc", "repro", "sweep"]):
+    mirror = repo.parent / f"{repo.name}-mirror"
+    subset_mirror(args.data, mirror, args.train_images)
+    scratch_repo(repo, store_params(mirror, args))
+    for command in (["dvc", "repro", "train@mnist"], ["dvc", "repro", "sweep"]):
         run(command, repo)
     print(f"\nGANPIPE_UI_STORE={repo} GANPIPE_UPDATE_DOCS=1 python -m pytest tests/test_ui.py")
 

@@ -1,10 +1,11 @@
 """sweep: Ray Tune over learning rates and D:G step ratios, ranked by sample quality.
 
-Each trial is itself a Ray Train run (a Tune function that fits a TorchTrainer,
-with TuneReportCallback forwarding rank 0's per-epoch metrics), so a trial can
-be data-parallel and ASHA can stop it early on its FID. PBT needs checkpoints
-that Tune can hand from trial to trial: it runs single-process trials through a
-plain Tune function and ``ray.tune.Checkpoint``.
+A trial with one worker (``sweep.num_workers: 1``, and every PBT trial) trains
+inside its own Tune function process, reporting and checkpointing through Tune:
+no worker group to start, so a trial costs little beyond its training. A
+data-parallel trial (``num_workers`` > 1) fits a TorchTrainer of its own, with
+TuneReportCallback forwarding rank 0's per-epoch metrics. Either way ASHA can
+stop a trial early on its FID, and PBT can hand checkpoints from trial to trial.
 
 MLflow: a parent run ``sweep-<dataset>-<date>`` with one child run per trial.
 DVC: sweep/results.csv, sweep/best_params.yaml, sweep/summary.json, two figures,
@@ -52,7 +53,7 @@ def trial_config(raw_params: dict, sweep_cfg, sampled: dict) -> Config:
 
 
 class TuneSession:
-    """A single-process PBT trial: Tune's reports and checkpoints, no DDP."""
+    """A single-process trial: Tune's reports and checkpoints, no DDP."""
 
     rank, world = 0, 1
 
@@ -73,6 +74,11 @@ class TuneSession:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
 
+def in_process(sweep) -> bool:
+    """Whether a trial trains in its own Tune process: one worker needs no worker group (PBT is single-process)."""
+    return sweep.scheduler == "pbt" or sweep.num_workers == 1
+
+
 def run_trial(sampled: dict, setup: dict) -> None:
     """One Tune trial, on any node. PBT may start it again with explored values and another trial's checkpoint.
 
@@ -90,7 +96,7 @@ def run_trial(sampled: dict, setup: dict) -> None:
     tracking.log_metrics(client, run_id, {f"hparam/{key}": float(value) for key, value in sampled.items()
                                           if isinstance(value, (int, float))}, step=0)
     dataset, use_gpu = cfg.sweep.dataset, setup["use_gpu"]
-    if cfg.sweep.scheduler == "pbt":
+    if in_process(cfg.sweep):
         loop_config = make_loop_config(cfg, dataset, inputs=setup["inputs"], mlflow_run_id=run_id,
                                        tracking_uri=setup["tracking_uri"], use_gpu=use_gpu,
                                        diverged_metrics=setup["diverged_metrics"])
@@ -162,7 +168,7 @@ def _trial_id_from_path(path: str) -> str:
 
 
 def _latest_checkpoint(result) -> str:
-    if result.checkpoint is not None:  # PBT trials report through Tune itself
+    if result.checkpoint is not None:  # in-process trials report through Tune itself
         return result.checkpoint.path
     return (result.metrics or {}).get(CHECKPOINT_PATH_KEY, "")
 
@@ -219,8 +225,8 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
 
     # Every check before the parent run exists: a bad setting leaves nothing RUNNING.
     arrays = load_processed(sweep.dataset, root)
-    pbt = sweep.scheduler == "pbt"
-    workers = 1 if pbt else sweep.num_workers  # PBT trials are single-process
+    single = in_process(sweep)
+    workers = 1 if single else sweep.num_workers
     batch_key = "sweep.space.batch_size" if "batch_size" in sweep.space else "train.batch_size"
     for batch_size in sweep.candidate_values().get("batch_size", [cfg.train.batch_size]):
         cluster.check_batch(int(batch_size), workers, len(arrays["x_train"]), batch_key=batch_key,
@@ -228,10 +234,10 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
     uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
     nodes = cluster.start(cfg)
     use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
-    # ASHA/FIFO trials hold a token CPU share beside their TorchTrainer's workers; PBT trials train themselves.
-    share = {"CPU": 1.0, "GPU": float(use_gpu)} if pbt else {"CPU": cluster.TRIAL_CPU_SHARE}
-    concurrent = cluster.check_resources(cfg, nodes, workers=0 if pbt else workers, use_gpu=use_gpu,
-                                         key="ray.use_gpu" if pbt else "sweep.num_workers", trial=share,
+    # A data-parallel trial holds a token CPU share beside its TorchTrainer's workers; the others train themselves.
+    share = {"CPU": 1.0, "GPU": float(use_gpu)} if single else {"CPU": cluster.TRIAL_CPU_SHARE}
+    concurrent = cluster.check_resources(cfg, nodes, workers=0 if single else workers, use_gpu=use_gpu,
+                                         key="ray.use_gpu" if single else "sweep.num_workers", trial=share,
                                          trials=sweep.max_concurrent_trials)
     if concurrent < sweep.max_concurrent_trials:
         # More would wait for workers that only free up when a trial ends, and time out meanwhile.

@@ -10,7 +10,8 @@ nothing from the head's disk.
 
 Workers (``train_loop``): each holds only its shard of the data on its device,
 trains with the engine in ``gan/``, and every ``checkpoint_every`` epochs reports
-a checkpoint to ``ray.storage_path``. Rank 0 evaluates quality and logs to MLflow.
+a checkpoint to ``ray.storage_path``. Rank 0 evaluates quality and logs to MLflow
+(``pipeline.epoch_report``).
 A killed worker makes Ray restart the group (``ray.max_failures``); it resumes
 from the last checkpoint and keeps logging into the same MLflow run. A killed
 driver is survived too: the Ray run is named after the run's identity
@@ -25,28 +26,20 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-import numpy as np
-import pandas as pd
+
 import torch
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from gan.data import DATASETS, DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
-from gan.images import density_plot, image_grid, save_png
-from gan.metrics import evaluate
 from gan.models import build_models
 from pipeline import cluster, resume, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
+from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
 from pipeline.progress import EpochBar, checkpoint_callback, on_terminal
 from pipeline.preprocess import load_processed, processed_paths
-
-# MLflow metric keys, grouped by prefix so the UI charts them together.
-STEP_METRICS = {"loss_d": "loss/d", "loss_g": "loss/g", "d_real": "d/real", "d_fake": "d/fake",
-                "d_acc": "d/acc", "grad_norm_d": "grad/d", "grad_norm_g": "grad/g"}
-STATUS_FILE = "status.json"
 
 
 def output_paths(dataset: str, root: Path) -> dict[str, Path]:
@@ -76,35 +69,6 @@ def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
-
-
-def toy_quality(samples: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
-    from scipy.stats import wasserstein_distance
-
-    fake = samples.detach().double().flatten().cpu().numpy()
-    return {"mean": float(fake.mean()), "std": float(fake.std()),
-            "wasserstein": float(wasserstein_distance(fake, real.double().flatten().cpu().numpy()))}
-
-
-@dataclass
-class History:
-    """The curves DVC plots draw: rows per log read-back and per epoch."""
-
-    losses: list[dict] = field(default_factory=list)
-    quality: list[dict] = field(default_factory=list)
-
-    def save(self, folder: Path) -> None:
-        pd.DataFrame(self.losses).to_csv(folder / "losses.csv", index=False)
-        pd.DataFrame(self.quality).to_csv(folder / "quality.csv", index=False)
-
-    @classmethod
-    def load(cls, folder: Path) -> "History":
-        return cls(losses=_rows(folder / "losses.csv"), quality=_rows(folder / "quality.csv"))
-
-
-def _rows(csv: Path) -> list[dict]:
-    """A CSV's rows; a run that diverged in its first epoch leaves an empty file."""
-    return pd.read_csv(csv).to_dict("records") if csv.stat().st_size > 1 else []
 
 
 class RayTrainSession:
@@ -142,6 +106,7 @@ class RayTrainSession:
 
 def train_loop(loop_config: dict, session=None) -> None:
     """Runs on every Ray Train worker, or in a Tune trial with a single-process session."""
+    entered = time.time()  # wall clock: the driver compares it with when it called fit()
     session = session or RayTrainSession(loop_config["use_gpu"])
     cfg = validate(loop_config["params"])
     dataset = loop_config["dataset"]
@@ -169,13 +134,16 @@ def train_loop(loop_config: dict, session=None) -> None:
                 history = History.load(folder)
                 print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
-    logger = _RankZeroLogger(loop_config, cfg, dataset, device) if rank == 0 else None
+    logger = RankZeroLogger(loop_config, cfg, dataset, device) if rank == 0 else None
     if logger and start_epoch > 1:
         logger.client.set_tag(logger.run_id, resume.TAG_RESUMED, str(start_epoch - 1))
     if start_epoch > cfg.train.epochs:  # the driver died after the last checkpoint: report it again
         session.report(state["metrics"], folder=None)
         return
     started = time.perf_counter()
+    # Where a worker's time goes (rank 0's figures reach the end-of-run report): benchmarks/overhead.py reads them.
+    timings = {"worker_entered": entered, "setup_s": time.time() - entered, "train_s": 0.0,
+               "eval_and_logging_s": 0.0, "checkpoints_s": 0.0}
     status, reason, quality = "completed", "", {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         bar = None  # rank 0's bar on the driver's terminal, fed by the engine's read-backs
@@ -198,10 +166,14 @@ def train_loop(loop_config: dict, session=None) -> None:
             metrics.update(loop_config.get("diverged_metrics", {}))  # e.g. fid=inf, so schedulers rank it last
         else:
             metrics.update(result.metrics, images_per_sec=result.images_per_sec * world)
+            timings["train_s"] += result.seconds
             if logger:
+                evaluated = time.perf_counter()
                 quality = logger.epoch_end(trainer, result, epoch, history, world)
+                timings["eval_and_logging_s"] += time.perf_counter() - evaluated
             metrics.update(quality)
         last = status != "completed" or epoch == cfg.train.epochs
+        reported = time.perf_counter()
         if last or epoch % cfg.train.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as folder:
                 folder = Path(folder)
@@ -209,73 +181,14 @@ def train_loop(loop_config: dict, session=None) -> None:
                             "metrics": metrics}, folder / f"rank{rank}.pt")
                 if logger:
                     history.save(folder)
-                    logger.write_outputs(trainer, folder, {**metrics, "reason": reason,
+                    logger.write_outputs(trainer, folder, {**metrics, "reason": reason, "timings": timings,
                                                            "wall_seconds": time.perf_counter() - started})
                 session.report(metrics, folder)
         else:
             session.report(metrics)
+        timings["checkpoints_s"] += time.perf_counter() - reported
         if last:
             break
-
-
-class _RankZeroLogger:
-    """Everything only rank 0 does: quality evaluation, MLflow logging, output files."""
-
-    def __init__(self, loop_config: dict, cfg: Config, dataset: str, device: torch.device):
-        from mlflow.tracking import MlflowClient
-
-        self.cfg, self.dataset, self.device = cfg, dataset, device
-        self.toy = DATASETS[dataset].kind == "toy"
-        self.client = MlflowClient(loop_config["tracking_uri"])
-        self.run_id = loop_config["mlflow_run_id"]
-        self.evaluator, self.reference = cluster.worker_reference(loop_config["inputs"], dataset, device)
-        self.eval_samples = cfg.train.eval_samples
-
-    def epoch_end(self, trainer: GANTrainer, result, epoch: int, history: History, world: int) -> dict:
-        for row in result.history:
-            values = {STEP_METRICS[k]: v for k, v in row.items() if k in STEP_METRICS}
-            tracking.log_metrics(self.client, self.run_id, values, step=row["step"])
-            history.losses.append({"epoch": epoch, **row})
-        if self.toy:
-            quality = toy_quality(trainer.sample(self.eval_samples), self.reference)
-        else:
-            quality = evaluate(trainer.sample, self.evaluator, self.reference, n=self.cfg.train.eval_samples,
-                               device=self.device)
-        quality = {k: float(v) for k, v in quality.items()}
-        speed = result.images_per_sec * world
-        # What the engine really runs with: the optimizers' current lrs and exact update counts.
-        engine_state = {"opt/lr_g": trainer.opt_g.param_groups[0]["lr"], "opt/lr_d": trainer.opt_d.param_groups[0]["lr"],
-                        "opt/d_updates": trainer.d_updates, "opt/g_updates": trainer.g_updates}
-        tracking.log_metrics(self.client, self.run_id,
-                             {**{f"quality/{k}": v for k, v in quality.items()}, "speed/img_per_s": speed,
-                              "epoch": epoch, **engine_state}, step=epoch)
-        # The headline figure last: DVC's quality plot draws the last column.
-        main_key = "wasserstein" if self.toy else "fid"
-        history.quality.append({"epoch": epoch, "step": trainer.step, "images_per_sec": speed,
-                                **{k: v for k, v in quality.items() if k != main_key}, main_key: quality[main_key]})
-        picture = self.picture(trainer)
-        self.client.log_image(self.run_id, picture, key="samples", step=epoch)
-        headline = (f"fid {quality['fid']:.3f}" if not self.toy else
-                    f"mean {quality['mean']:.3f} std {quality['std']:.3f}")
-        print(f"epoch {epoch}/{self.cfg.train.epochs}  {speed:,.0f} img/s  loss_d {result.metrics['loss_d']:.4f}  "
-              f"loss_g {result.metrics['loss_g']:.4f}  {headline}", flush=True)
-        return quality
-
-    def picture(self, trainer: GANTrainer) -> np.ndarray:
-        if self.toy:
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "density.png"
-                density_plot(self.reference.cpu().numpy(), trainer.sample(self.eval_samples).cpu().numpy(), path)
-                from PIL import Image
-
-                return np.asarray(Image.open(path).convert("RGB"))
-        return image_grid(trainer.sample(64, noise=trainer.fixed_noise), nrow=8)
-
-    def write_outputs(self, trainer: GANTrainer, folder: Path, status: dict) -> None:
-        torch.save({"state_dict": trainer.sampling_generator.state_dict(), "model": self.cfg.model.model_dump(),
-                    "dataset": self.dataset}, folder / "generator.pt")
-        save_png(self.picture(trainer), folder / "samples.png")
-        (folder / STATUS_FILE).write_text(json.dumps(status, default=float))
 
 
 def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
@@ -336,6 +249,7 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     """Train, or resume the interrupted run with the same identity (``fresh``: start over)."""
     root = root.resolve()
     stage = f"train@{dataset}"
+    clock = Stopwatch()
     # Every check before the MLflow run exists: a bad setting leaves nothing RUNNING.
     arrays = load_processed(dataset, root)
     cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, len(arrays["x_train"]))
@@ -343,8 +257,10 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     nodes = cluster.start(cfg)
     use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
     cluster.check_resources(cfg, nodes, workers=cfg.ray.num_workers, use_gpu=use_gpu, key="ray.num_workers")
+    clock.lap("ray_start_s")  # with loading the arrays and the batch and resource checks
     cluster.check_shared(uri, storage, nodes)
     inputs = cluster.put_inputs(dataset, root, arrays)
+    clock.lap("data_handoff_s")  # with the shared-storage probe
 
     git = tracking.git_state(root)
     identity = resume.run_identity(cfg, stage=stage, dataset=dataset, use_gpu=use_gpu, git_commit=git["git.commit"])
@@ -362,15 +278,21 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
                                             params_hash=params_hash(root / "params.yaml"), uri=uri, git=git,
                                             extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()})
         print(f"{stage}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
+    clock.lap("mlflow_run_s")
     try:
         with resume.Heartbeat(client, run_id):
+            fit_called = time.time()
             result = fit(cfg, dataset, storage=storage, inputs=inputs, use_gpu=use_gpu, mlflow_run_id=run_id,
                          tracking_uri=uri, ray_run_name=ray_run_name, callbacks=[checkpoint_callback()])
         status = read_status(result)
         if status["status"] == "failed":
             raise RuntimeError(status["reason"])
+        clock.lap("fit_s")
         summary = _write_dvc_outputs(cfg, dataset, root, result, status, run_id)
+        clock.lap("dvc_outputs_s")
         _log_final_artifacts(client, run_id, cfg, dataset, root)
+        clock.lap("export_and_register_s")
+        _write_timings(dataset, root, clock.laps, status.get("timings"), fit_called)
     except BaseException as err:
         tracking.end_run(client, run_id, "failed", f"{type(err).__name__}: {err}")
         raise
@@ -378,6 +300,32 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     if status["status"] == "diverged":
         raise TrainingDiverged(f"run {run_id} diverged: {status['reason']}")
     return summary
+
+
+class Stopwatch:
+    """Seconds per named stretch of the driver's work, one lap after another."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self._last = now - self._last, now
+
+
+def _write_timings(dataset: str, root: Path, laps: dict, worker: dict | None, fit_called: float) -> None:
+    """The end-of-run report's ``timings``: where the stage's seconds went, fit() split by rank 0's figures."""
+    timings = dict(laps)
+    if worker:  # absent when a resumed run had nothing left to train
+        timings["worker_group_start_s"] = worker["worker_entered"] - fit_called
+        timings.update({key: worker[key] for key in ("setup_s", "train_s", "eval_and_logging_s", "checkpoints_s")})
+        timings["fit_other_s"] = laps["fit_s"] - sum(timings[key] for key in (
+            "worker_group_start_s", "setup_s", "train_s", "eval_and_logging_s", "checkpoints_s"))
+    report = output_paths(dataset, root)["report"]
+    summary = json.loads(report.read_text())
+    summary["timings"] = {key: round(value, 3) for key, value in timings.items()}
+    report.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 class TrainingDiverged(RuntimeError):

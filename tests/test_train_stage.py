@@ -118,7 +118,12 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
     # dvc exp run -S changes one knob and shows up in dvc exp show
     run_cmd(["git", "add", "-A"], repo)
     run_cmd(["git", "commit", "-qm", "baseline"], repo)
-    run_cmd(["dvc", "exp", "run", "-S", "train.lr_g=0.001", "-S", "train.epochs=1"], repo)
+    # One epoch of 4 iterations, shorter than log_every: its losses are still logged, once.
+    run_cmd(["dvc", "exp", "run", "train@mnist", "-S", "train.lr_g=0.001", "-S", "train.epochs=1",
+             "-S", "train.log_every=1000"], repo)
+    short_run = json.loads((repo / "metrics/train/mnist.json").read_text())["mlflow_run_id"]
+    assert len(client.get_metric_history(short_run, "loss/d")) == 1
+    assert list(pd.read_csv(repo / "plots/losses/mnist.csv")["epoch"]) == [1]
     shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], repo).stdout)
     experiments = [exp for entry in shown for exp in (entry.get("experiments") or [])]
     lrs = [rev["data"]["params"]["params.yaml"]["data"]["train"]["lr_g"]
