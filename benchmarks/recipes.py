@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="budget: epochs of 60k real images per row")
     parser.add_argument("--score-at", type=int, nargs="*", default=[2], help="also score after these epochs")
     parser.add_argument("--eval-samples", type=int, default=10_000)
+    parser.add_argument("--train-images", type=int, help="train on the first N real images only (default: all)")
     parser.add_argument("--variant", action="append", default=[], help="name:dotted.key=value;... over the default")
     parser.add_argument("--only", nargs="*", help="train only these rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,10 +114,12 @@ def main() -> None:
     report_path = args.out_dir / "recipes.json"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report = {"device": device_name, "torch": torch.__version__, "epochs": args.epochs,
+              "train_images": args.train_images,
               "eval_samples": args.eval_samples, "date": time.strftime("%Y-%m-%d"), "datasets": {}}
     tables = []
     for dataset in args.datasets:
         stick = yardstick(args.data_root / dataset, params["evaluator"], device, args.eval_samples)
+        stick.x_train = stick.x_train[:args.train_images]  # the evaluator and the floor still use the full split
         print(f"{dataset}: evaluator {stick.test_accuracy:.4f}, floor FID {stick.floor['fid']:.3f}", flush=True)
         results = {}
         for name, row_params in plan.items():
@@ -132,7 +135,7 @@ def main() -> None:
             "settings": {name: {"model": p["model"], "train": p["train"]} for name, p in plan.items()},
         }
         report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
-        tables.append(f"\n{dataset} on {device_name}: {args.epochs} epochs ({args.epochs * 60}k real images) per row, "
+        tables.append(f"\n{dataset} on {device_name}: {args.epochs} epochs of {len(stick.x_train):,} real images per row, "
                       f"n = {args.eval_samples}; evaluator accuracy {stick.test_accuracy:.4f}\n\n"
                       + table(results, stick, args.epochs))
     print("\n".join(tables))

@@ -53,8 +53,28 @@ def search_algorithm(cfg: Config, storage, study_name: str):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    class ResumableOptunaSearch(OptunaSearch):
+        """OptunaSearch for a sweep that may be resumed.
+
+        The study lives in a SQLite file and is saved as it goes; Tune saves its own
+        state every few seconds. After a restore Tune may re-run a trial that Optuna
+        already closed: its results then are not told to Optuna again (which refuses them).
+        """
+
+        def _closed(self, trial_id: str) -> bool:
+            trial = self._ot_trials.get(trial_id)  # Ray's map from Tune's trial to Optuna's
+            return trial is not None and self._ot_study.get_trials(deepcopy=False)[trial.number].state.is_finished()
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if not self._closed(trial_id):
+                super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if not self._closed(trial_id):
+                super().on_trial_complete(trial_id, result, error)
+
     sampler = optuna.samplers.TPESampler(n_startup_trials=cfg.sweep.startup_trials, seed=cfg.sweep.seed)
-    return OptunaSearch(sampler=sampler, storage=storage, study_name=study_name)
+    return ResumableOptunaSearch(sampler=sampler, storage=storage, study_name=study_name)
 
 
 def optuna_trials(cfg: Config, storage, study_name: str) -> pd.DataFrame:
