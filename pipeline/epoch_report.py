@@ -72,10 +72,9 @@ class RankZeroLogger:
         self.eval_samples = cfg.train.eval_samples
 
     def epoch_end(self, trainer: GANTrainer, result, epoch: int, history: History, world: int) -> dict:
-        for row in result.history:
-            values = {STEP_METRICS[k]: v for k, v in row.items() if k in STEP_METRICS}
-            tracking.log_metrics(self.client, self.run_id, values, step=row["step"])
-            history.losses.append({"epoch": epoch, **row})
+        tracking.log_metric_rows(self.client, self.run_id, [
+            ({STEP_METRICS[k]: v for k, v in row.items() if k in STEP_METRICS}, row["step"]) for row in result.history])
+        history.losses.extend({"epoch": epoch, **row} for row in result.history)
         if self.toy:
             quality = toy_quality(trainer.sample(self.eval_samples), self.reference)
         else:

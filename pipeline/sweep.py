@@ -7,7 +7,7 @@ data-parallel trial (``num_workers`` > 1) fits a TorchTrainer of its own, with
 TuneReportCallback forwarding rank 0's per-epoch metrics. Either way ASHA can
 stop a trial early on its FID, and PBT can hand checkpoints from trial to trial.
 
-MLflow: a parent run ``sweep-<dataset>-<date>`` with one child run per trial.
+MLflow: a parent run ``sweep-<dataset>-<identity>`` with one child run per trial.
 DVC: sweep/results.csv, sweep/best_params.yaml, sweep/summary.json, two figures,
 and the few figures users compare across experiments as the metric metrics/sweep.json.
 """
@@ -290,7 +290,10 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
                 trainable, param_space=search_space(cfg),
                 tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler(cfg),
                                             search_alg=searcher, num_samples=sweep.num_samples,
-                                            max_concurrent_trials=concurrent),
+                                            max_concurrent_trials=concurrent,
+                                            # A one-worker trial's process (torch, MLflow, the inputs pulled
+                                            # from the object store) serves the next trial too.
+                                            reuse_actors=in_process(sweep)),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=progress,
                                           verbose=0 if progress else 1),
             )

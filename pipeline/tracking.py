@@ -114,8 +114,14 @@ def write_dvc_metrics(path: Path, values: dict) -> None:
 
 
 def log_metrics(client: MlflowClient, run_id: str, values: dict[str, float], step: int) -> None:
+    log_metric_rows(client, run_id, [(values, step)])
+
+
+def log_metric_rows(client: MlflowClient, run_id: str, rows: list[tuple[dict[str, float], int]]) -> None:
+    """Several steps' metrics in as few store calls as MLflow allows: one per 900 values, not one per step."""
     now = int(time.time() * 1000)
-    metrics = [Metric(key, float(value), now, step) for key, value in values.items() if np.isfinite(value)]
+    metrics = [Metric(key, float(value), now, step) for values, step in rows
+               for key, value in values.items() if np.isfinite(value)]
     for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
         client.log_batch(run_id, metrics=metrics[start:start + 900])
 

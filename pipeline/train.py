@@ -26,6 +26,7 @@ import logging
 import shutil
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -371,8 +372,11 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     with torch.no_grad():
         signature = infer_signature(noise.numpy(), generator(noise).numpy())
     mlflow.set_tracking_uri(client.tracking_uri)
+    # Listed, not inferred: MLflow infers requirements by loading the model in a subprocess (~8 s a run).
+    requirements = [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy")]
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
             generator, name="generator", input_example=noise.numpy(), signature=signature,
+            pip_requirements=requirements,
             registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None,
         )

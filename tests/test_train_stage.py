@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import end_process_tree, make_dvc_repo, project_params, read_until, run_cmd, tool_env
+from conftest import end_process_tree, make_dvc_repo, project_params, read_until, run_cmd, serve_mirror, tool_env
 
 pytestmark = pytest.mark.integration
 
@@ -47,26 +47,41 @@ def only_run(client, dataset="mnist"):
     return runs[0]
 
 
-def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
-    repo = make_dvc_repo(tmp_path / "repo", small_params(mirror.url))
-    result = run_cmd(["dvc", "repro", "train@mnist"], repo)
-    assert "epoch 2/2" in result.stdout + result.stderr  # rank 0's progress line reaches the console
+EPOCHS = 5  # enough left after the checkpoint of epoch 2 to kill a run mid-way
+
+
+def reference_params(mirror_url: str) -> dict:
+    return small_params(mirror_url, epochs=EPOCHS, eval_samples=1000)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted `dvc repro train@mnist`: (repo, its output, its end-of-run report as it first was)."""
+    with serve_mirror() as state:
+        repo = make_dvc_repo(tmp_path_factory.mktemp("trained") / "repo", reference_params(state.url))
+        result = run_cmd(["dvc", "repro", "train@mnist"], repo)
+    return repo, result.stdout + result.stderr, json.loads((repo / "metrics/train/mnist.json").read_text())
+
+
+def test_dvc_repro_trains_logs_and_writes_outputs(trained, tmp_path):
+    repo, output, _ = trained
+    assert f"epoch {EPOCHS}/{EPOCHS}" in output  # rank 0's progress line reaches the console
 
     # DVC outputs
     summary = json.loads((repo / "metrics/train/mnist.json").read_text())
     for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl", "loss_d", "loss_g",
                 "images_per_sec", "wall_seconds", "mlflow_run_id"):
         assert key in summary, key
-    assert summary["status"] == "completed" and summary["epoch"] == 2
+    assert summary["status"] == "completed" and summary["epoch"] == EPOCHS
     assert summary["fid"] > 0 and 0 <= summary["class_coverage"] <= 1 and summary["images_per_sec"] > 0
     losses = pd.read_csv(repo / "plots/losses/mnist.csv")
     assert {"step", "loss_d", "loss_g", "d_real", "d_fake"} <= set(losses.columns)
     assert losses["step"].is_monotonic_increasing and np.isfinite(losses[["loss_d", "loss_g"]]).all().all()
     quality = pd.read_csv(repo / "plots/quality/mnist.csv")
-    assert list(quality["epoch"]) == [1, 2] and (quality["fid"] > 0).all()
+    assert list(quality["epoch"]) == list(range(1, EPOCHS + 1)) and (quality["fid"] > 0).all()
     assert (repo / "plots/samples/mnist.png").read_bytes().startswith(b"\x89PNG")
     checkpoint = torch.load(repo / "models/mnist/checkpoint.pt", weights_only=True)
-    assert checkpoint["epoch"] == 2
+    assert checkpoint["epoch"] == EPOCHS
 
     # MLflow: params, curves, images, registered model
     client = mlflow_client(repo)
@@ -80,13 +95,13 @@ def test_dvc_repro_trains_logs_and_writes_outputs(mirror, tmp_path):
     loss_history = client.get_metric_history(run.info.run_id, "loss/d")
     assert len(loss_history) == len(losses) >= 2
     fid_history = client.get_metric_history(run.info.run_id, "quality/fid")
-    assert sorted(m.step for m in fid_history) == [1, 2]
+    assert sorted(m.step for m in fid_history) == list(range(1, EPOCHS + 1))
     assert pytest.approx(fid_history[-1].value, rel=1e-6) == summary["fid"]
     assert client.get_metric_history(run.info.run_id, "speed/img_per_s")
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert {"checkpoint", "reference", "images"} <= set(artifacts)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert sum("samples" in path for path in images) >= 2  # one grid per epoch
+    assert sum("samples" in path for path in images) >= EPOCHS  # one grid per epoch
 
     import mlflow.pytorch
 
@@ -144,15 +159,13 @@ def stale_run(client, stage: str) -> str:
     return run.info.run_id
 
 
-def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(mirror, tmp_path):
-    EPOCHS = 5
-    repo = make_dvc_repo(tmp_path / "repo", small_params(mirror.url, epochs=EPOCHS, eval_samples=1000))
-    run_cmd(["dvc", "repro", "train@mnist"], repo)
-    reference = json.loads((repo / "metrics/train/mnist.json").read_text())  # uninterrupted, same seed
+def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(trained, mirror, tmp_path):
+    _, _, reference = trained  # uninterrupted, same params and seed
+    repo = make_dvc_repo(tmp_path / "repo", reference_params(mirror.url))
 
-    # The same run again (a finished run is never resumed: this one starts at epoch 1), SIGKILLed with its
-    # whole process group, DVC and the driver, once Ray has registered the checkpoint of epoch 2.
-    process = subprocess.Popen(["dvc", "repro", "--force", "train@mnist"], cwd=repo, text=True, env=tool_env(),
+    # The same run, SIGKILLed with its whole process group, DVC and the driver, once Ray has registered
+    # the checkpoint of epoch 2.
+    process = subprocess.Popen(["dvc", "repro", "train@mnist"], cwd=repo, text=True, env=tool_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     seen: list[str] = []
     try:
@@ -162,8 +175,7 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(mirror
     finally:
         end_process_tree(process)
     client = mlflow_client(repo)
-    killed = [r for r in client.search_runs([client.get_experiment_by_name("ganpipe-mnist").experiment_id])
-              if r.info.run_id != reference["mlflow_run_id"]]
+    killed = client.search_runs([client.get_experiment_by_name("ganpipe-mnist").experiment_id])
     assert len(killed) == 1 and killed[0].info.status == "RUNNING"  # nothing could end it
     stale_id = stale_run(client, "train@mnist")
 
