@@ -314,8 +314,6 @@ def class_kl(pred_classes, real_labels_or_hist, num_classes: int, eps: float = 1
     ``real_labels_or_hist``: integer labels, or a float histogram (counts or shares).
     """
     generated = class_histogram(pred_classes, num_classes)
-    if isinstance(real_labels_or_hist, np.ndarray):  # may be read-only (Ray's object store): torch wants a copy
-        real_labels_or_hist = real_labels_or_hist.copy()
     real = torch.as_tensor(real_labels_or_hist).detach().cpu()
     real = real.double() if real.is_floating_point() else class_histogram(real, num_classes)
     if real.shape != (num_classes,):

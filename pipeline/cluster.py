@@ -353,7 +353,9 @@ def worker_reference(inputs: dict, dataset: str, device: torch.device):
     evaluator, reference = ray.get(inputs["reference"])
     if DATASETS[dataset].kind == "toy":
         return None, reference.to(device)
-    return evaluator.to(device).eval(), replace(reference, features=reference.features.to(device))
+    # Arrays from the object store are read-only; torch warns when it wraps one, so the histogram is copied.
+    return evaluator.to(device).eval(), replace(reference, features=reference.features.to(device),
+                                                class_histogram=reference.class_histogram.copy())
 
 
 def resolve_use_gpu(setting: bool | str, nodes: list[Node]) -> bool:
