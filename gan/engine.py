@@ -1,4 +1,6 @@
-"""The GAN training loop: D:G ratios, optimizers, LR decay, metrics, checkpoints, CUDA graphs.
+"""The GAN training loop: D:G ratios, optimizers, LR decay, metrics, G-EMA, early stop.
+
+The CUDA graph of an iteration lives in ``gan.graph``; state and checkpoints in ``gan.checkpoint``.
 
 One *iteration* (``GANTrainer.step`` counts them) is ``d_steps`` discriminator
 updates followed by ``g_steps`` generator updates. Each D update consumes one
@@ -15,19 +17,18 @@ and are read (and checked for NaN/inf) every ``log_every`` iterations.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from gan.checkpoint import TrainerState
+from gan.graph import CapturedIteration
 from gan.losses import LOSSES, clip_weights, interpolate, penalty_at
 
 # The order of the metrics tensor that every iteration produces: D's five, then G's two.
@@ -38,11 +39,6 @@ METRICS = D_METRICS + G_METRICS
 NOISE_KINDS = ("gaussian", "uniform")
 OPTIMIZERS = ("auto", "adam", "rmsprop", "sgd")
 FIXED_NOISE_SIZE = 64  # the sample grid: 8 x 8
-GRAPH_WARMUP_ITERATIONS = 3  # eager iterations on a side stream before capture (CUDA graphs docs)
-LOSS_INDICES = [METRICS.index("loss_d"), METRICS.index("loss_g")]  # what the graph check compares
-# How far a graph replay's losses may sit from eager mode's for the same iteration (relative and absolute):
-# the same kernels in another launch order; bf16 rounds at about 4e-3.
-GRAPH_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
 
 
 @dataclass
@@ -130,7 +126,7 @@ def _optimizer(kind: str, parameters, lr: float, betas: tuple[float, float], cap
     return torch.optim.SGD(parameters, lr=lr)  # stateless: safe to capture as it is
 
 
-class GANTrainer:
+class GANTrainer(TrainerState):
     """Trains a (generator, discriminator) pair; either may be wrapped in DistributedDataParallel.
 
     Under DDP each wrapper is called exactly once per its own update, with one
@@ -146,13 +142,16 @@ class GANTrainer:
     reduced values, so every rank stops, or raises, at the same iteration.
 
     On CUDA with ``cuda_graph`` the whole iteration runs as one captured CUDA
-    graph. It falls back to eager mode on CPU, for wgan_gp (a double backward),
+    graph (``gan.graph.CapturedIteration``). It falls back to eager mode on CPU, for wgan_gp (a double backward),
     and for DDP-wrapped modules (DDP needs extra NCCL settings and many eager
     warm-up iterations before its all-reduces can be captured). Each capture is
     checked against eager mode on its first replay; a capture that raises or
     disagrees makes the trainer warn once and go on eagerly
     (``graph_fallback_reason`` says why).
     """
+
+    loss_names = ("loss_d", "loss_g")  # what the graph check compares
+    loss_indices = [METRICS.index(name) for name in loss_names]
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, config: EngineConfig, *,
                  device: torch.device | str, seed: int = 0,
@@ -165,14 +164,14 @@ class GANTrainer:
         self.loss = LOSSES[config.loss]
         self.metric_reducer = metric_reducer or (lambda metrics: metrics)
 
-        self.use_graph = (config.cuda_graph and self.device.type == "cuda" and config.loss != "wgan_gp"
-                          and generator is self.g_module and discriminator is self.d_module)
+        use_graph = (config.cuda_graph and self.device.type == "cuda" and config.loss != "wgan_gp"
+                     and generator is self.g_module and discriminator is self.d_module)
         kind = config.optimizer
         if kind == "auto":
             kind = "rmsprop" if config.loss == "wgan" else "adam"
         self._g_params = [p for p in self.g_module.parameters() if p.requires_grad]
         self._d_params = [p for p in self.d_module.parameters() if p.requires_grad]
-        self._capturable = self.use_graph  # optimizer state on the device, as graph capture needs
+        self._capturable = use_graph  # optimizer state on the device, as graph capture needs
         self.opt_g = _optimizer(kind, self._g_params, config.lr_g, config.betas_g, self._capturable)
         self.opt_d = _optimizer(kind, self._d_params, config.lr_d, config.betas_d, self._capturable)
         # Staircase decay, counted in optimizer updates: lr * gamma ** (updates // every).
@@ -195,10 +194,19 @@ class GANTrainer:
         self._calm_checks = 0  # consecutive read-backs with mean D(G(z)) within 0.5 +- tol
         self._window_sum = torch.zeros(len(METRICS), device=self.device)
         self._window_steps = 0
-        self._replay: Callable[[], Tensor] | None = None  # the captured iteration
-        self._graph_lrs: tuple[float, float] | None = None
-        self._graph_warmup_left = GRAPH_WARMUP_ITERATIONS
+        self.graph = CapturedIteration(self) if use_graph else None
         self.graph_fallback_reason: str | None = None  # why the CUDA graph was given up, if it was
+
+    @property
+    def use_graph(self) -> bool:
+        """Whether iterations run as CUDA graph replays (False after a fallback)."""
+        return self.graph is not None
+
+    def stop_graph(self) -> None:
+        """Train eagerly from now on, with non-capturable optimizers (the graph's fallback)."""
+        self.graph_fallback_reason = self.graph.fallback_reason
+        self.graph = None
+        self._capturable = False
 
     # ---------------------------------------------------------------- noise and sampling
 
@@ -316,95 +324,6 @@ class GANTrainer:
         for _ in range(g_updates):
             self.sched_g.step()
 
-    # ---------------------------------------------------------------- CUDA graph
-
-    def _graph_iteration(self, reals: list[Tensor]) -> Tensor:
-        """The iteration as one CUDA graph replay: real batches are copied into a static buffer.
-
-        The first iterations run eagerly on a side stream (they train for real),
-        which creates the optimizer state and picks the kernels before capture.
-        A changed learning rate (capturable optimizers bake a float lr into the
-        graph) or loaded optimizer state means a fresh capture.
-        """
-        if self._replay is None and self._graph_warmup_left > 0:
-            self._graph_warmup_left -= 1
-            with self._side_stream():
-                return self._iteration(reals)
-        lrs = (self.opt_d.param_groups[0]["lr"], self.opt_g.param_groups[0]["lr"])
-        if self._replay is not None and (lrs != self._graph_lrs or reals[0].shape != self._static_reals.shape[1:]):
-            self._replay = None
-        if self._replay is None:
-            return self._capture_checked(reals, lrs)
-        for buffer, real in zip(self._static_reals, reals):
-            buffer.copy_(real)
-        return self._replay()  # overwritten by the next replay: the caller accumulates it first
-
-    def _capture_checked(self, reals: list[Tensor], lrs: tuple[float, float]) -> Tensor:
-        """Capture the iteration and prove it on its first replay, or fall back to eager mode for good.
-
-        The same iteration runs eagerly first; then the state is rolled back and the
-        graph replays it. Their losses must agree within fp32 (or bf16) tolerance. A
-        capture or replay that raises, or a graph that computes something else, is
-        warned about once; the state is rolled back and training goes on eagerly.
-        """
-        snapshot = _cloned(self.state_dict())
-        expected = self._iteration(reals)[LOSS_INDICES]
-        # A loaded optimizer adopts the tensors it is given and updates them in place: load a copy.
-        self.load_state_dict(_cloned(snapshot))
-        try:
-            self._static_reals = torch.stack(reals)
-            self._replay = self._capture(self._static_reals)
-            metrics = self._replay()
-            problem = self._graph_mismatch(expected, metrics[LOSS_INDICES])
-        except Exception as err:  # noqa: BLE001 - whatever breaks the graph, eager mode still trains
-            problem = f"capture or first replay raised {type(err).__name__}: {err}"
-        if problem is None:
-            self._graph_lrs = lrs
-            return metrics
-        warnings.warn(f"CUDA graph disabled, training continues in eager mode: {problem}", RuntimeWarning,
-                      stacklevel=2)
-        self.use_graph = self._capturable = False
-        self.graph_fallback_reason = problem
-        self.load_state_dict(snapshot)  # also drops the graph and makes the optimizers non-capturable
-        return self._iteration(reals)
-
-    def _capture(self, static_reals: Tensor) -> Callable[[], Tensor]:
-        """Capture ``_iteration(static_reals)`` as a CUDA graph; returns its replay (-> the metrics tensor)."""
-        self.opt_d.zero_grad(set_to_none=True)  # backward allocates .grad from the graph's pool
-        self.opt_g.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.noise_generator)  # fresh noise on every replay
-        # thread_local: CUDA calls of other threads (e.g. a Ray worker's) do not break the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_metrics = self._iteration(static_reals)
-
-        def replay() -> Tensor:
-            graph.replay()
-            return static_metrics
-
-        return replay
-
-    def _graph_mismatch(self, eager: Tensor, graph: Tensor) -> str | None:
-        """None when the graph's losses match the eager ones, else what differs (one host read-back)."""
-        tolerance = GRAPH_TOLERANCE["bf16" if self.config.bf16 else "fp32"]
-        if torch.allclose(graph.float(), eager.float(), rtol=tolerance, atol=tolerance):
-            return None
-        names = [METRICS[i] for i in LOSS_INDICES]
-        return (f"the captured graph's losses {dict(zip(names, graph.tolist()))} differ from eager mode's "
-                f"{dict(zip(names, eager.tolist()))} by more than {tolerance:g}")
-
-    @contextlib.contextmanager
-    def _side_stream(self):
-        """Eager warm-up before a capture runs on a side stream (CUDA graphs docs); elsewhere a no-op."""
-        if self.device.type != "cuda":
-            yield
-            return
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            yield
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-
     # ---------------------------------------------------------------- the loop
 
     def train_epoch(self, batches: Iterable[Tensor],
@@ -427,7 +346,7 @@ class GANTrainer:
             reals = list(itertools.islice(batches, self.config.d_steps))
             if len(reals) < self.config.d_steps:
                 break
-            metrics = self._graph_iteration(reals) if self.use_graph else self._iteration(reals)
+            metrics = self.graph(reals) if self.graph is not None else self._iteration(reals)
             self._count_updates(self.config.d_steps, self.config.g_steps)
             self.step += 1
             steps += 1
@@ -478,125 +397,3 @@ class GANTrainer:
             raise DivergedError(self.step, values, self.opt_d.param_groups[0]["lr"],
                                 self.opt_g.param_groups[0]["lr"])
 
-    # ---------------------------------------------------------------- checkpoints
-
-    def state_dict(self) -> dict:
-        """Everything a bit-exact resume needs, as tensors and plain containers (torch.load weights_only)."""
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "generator": self.g_module.state_dict(),
-            "discriminator": self.d_module.state_dict(),
-            "g_ema": self.g_ema.state_dict() if self.g_ema is not None else {},
-            "ema_updates": self._ema_updates,
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "sched_g": self.sched_g.state_dict(),
-            "sched_d": self.sched_d.state_dict(),
-            "counters": {"step": self.step, "d_updates": self.d_updates, "g_updates": self.g_updates,
-                         "calm_checks": self._calm_checks, "stopped_early": self.stopped_early,
-                         "window_steps": self._window_steps},
-            "window_sum": self._window_sum.clone(),
-            "device_type": self.device.type,
-            "rng": rng,
-            "noise_generator": self.noise_generator.get_state(),
-            "sample_generator": self.sample_generator.get_state(),
-            "fixed_noise": self.fixed_noise.clone(),
-            "config": asdict(self.config),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        # Whatever map_location the state was loaded with: RNG states must be CPU
-        # tensors, and the optimizers place their own state (Adam keeps "step" on
-        # the CPU unless capturable).
-        state = _on_cpu(state)
-        self.g_module.load_state_dict(state["generator"])
-        self.d_module.load_state_dict(state["discriminator"])
-        if self.g_ema is not None:
-            # A checkpoint of a run without the average starts it from the loaded G.
-            self.g_ema.load_state_dict(state.get("g_ema") or state["generator"])
-            self._ema_updates.copy_(state.get("ema_updates", torch.zeros(())))
-        for optimizer, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
-            optimizer.load_state_dict(_with_capturable(state[key], self._capturable))
-        self.sched_g.load_state_dict(state["sched_g"])
-        self.sched_d.load_state_dict(state["sched_d"])
-        self._apply_configured_lrs()
-        counters = state["counters"]
-        self.step, self.d_updates, self.g_updates = counters["step"], counters["d_updates"], counters["g_updates"]
-        self._calm_checks, self.stopped_early = counters["calm_checks"], counters["stopped_early"]
-        self._window_steps = counters["window_steps"]
-        self._window_sum = state["window_sum"].to(self.device)
-        self.fixed_noise = state["fixed_noise"].to(self.device)
-        if state["device_type"] == self.device.type:
-            torch.set_rng_state(state["rng"]["cpu"])
-            if self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-            self.noise_generator.set_state(state["noise_generator"])
-            self.sample_generator.set_state(state["sample_generator"])
-        else:
-            warnings.warn(f"checkpoint saved on {state['device_type']}, loaded on {self.device.type}: "
-                          "random number states not restored, so the resumed run is not bit-exact")
-        self._replay = None  # the optimizers hold new state tensors: capture again
-
-    def _apply_configured_lrs(self) -> None:
-        """This trainer's lr_g / lr_d win over a loaded checkpoint's, at the same point of the decay.
-
-        A plain resume has the same config, so nothing changes; a population-based
-        sweep loads another trial's weights under newly explored learning rates.
-        """
-        for optimizer, scheduler, lr in ((self.opt_g, self.sched_g, self.config.lr_g),
-                                         (self.opt_d, self.sched_d, self.config.lr_d)):
-            decayed = lr * self.config.lr_decay_gamma ** (scheduler.last_epoch // self.config.lr_decay_every)
-            scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-            for group in optimizer.param_groups:
-                group["initial_lr"], group["lr"] = lr, decayed
-
-    def save_checkpoint(self, path: str | Path, *, batches=None) -> None:
-        """torch.save of ``state_dict()``, plus ``batches.state_dict()`` (e.g. a DeviceBatches) if given."""
-        state = self.state_dict()
-        if batches is not None:
-            state["batches"] = batches.state_dict()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
-
-    def load_checkpoint(self, path: str | Path, *, batches=None) -> None:
-        """Restores a ``save_checkpoint`` file, and ``batches``' state when given."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state)
-        if batches is not None:
-            if "batches" not in state:
-                raise ValueError(f"{path}: the checkpoint holds no batch iterator state")
-            batches.load_state_dict(state["batches"])
-
-
-def _map_tensors(value, function: Callable[[Tensor], Tensor]):
-    """A copy of a nested state with ``function`` applied to every tensor."""
-    if isinstance(value, Tensor):
-        return function(value)
-    if isinstance(value, dict):
-        return {key: _map_tensors(item, function) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(item, function) for item in value)
-    return value
-
-
-def _cloned(value):
-    """A deep copy of a nested state, on the same devices."""
-    return _map_tensors(value, lambda tensor: tensor.detach().clone())
-
-
-def _on_cpu(value):
-    """A copy of a nested state with every tensor on the CPU."""
-    return _map_tensors(value, Tensor.cpu)
-
-
-def _with_capturable(optimizer_state: dict, capturable: bool) -> dict:
-    """The optimizer state with this trainer's ``capturable`` flag, so that state moves to the right device.
-
-    A checkpoint from a CUDA-graph run loads on CPU (and the other way round):
-    ``Optimizer.load_state_dict`` places Adam's step counters by the saved flag.
-    """
-    groups = [{**group, "capturable": capturable} if "capturable" in group else group
-              for group in optimizer_state["param_groups"]]
-    return {**optimizer_state, "param_groups": groups}

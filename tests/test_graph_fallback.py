@@ -13,6 +13,7 @@ import torch
 
 from gan.data import to_unit_range
 from gan.engine import EngineConfig, GANTrainer
+from gan.graph import CapturedIteration
 from gan.models import build_models
 
 
@@ -39,9 +40,9 @@ def batches(n: int = 8, size: int = 16) -> list[torch.Tensor]:
 def with_graph(make_capture) -> tuple[GANTrainer, list[int]]:
     """A CPU trainer forced onto the graph path, its capture replaced; also a list counting replays."""
     trainer = make_trainer()
-    trainer.use_graph = True
+    trainer.graph = CapturedIteration(trainer)
     replays: list[int] = []
-    trainer._capture = make_capture(trainer, replays)
+    trainer.graph.capture = make_capture(trainer, replays)
     return trainer, replays
 
 
@@ -114,8 +115,8 @@ def test_a_broken_graph_warns_once_and_training_goes_on_eagerly(make_capture, re
 
 
 def test_the_check_compares_losses_within_tolerance():
-    trainer = make_trainer()
+    graph = CapturedIteration(make_trainer())
     eager = torch.tensor([1.3862, 0.6931])
-    assert trainer._graph_mismatch(eager, eager * (1 + 5e-4)) is None
-    assert "differ" in trainer._graph_mismatch(eager, eager * 1.01)
-    assert "differ" in trainer._graph_mismatch(eager, torch.tensor([float("nan"), 0.6931]))
+    assert graph.mismatch(eager, eager * (1 + 5e-4)) is None
+    assert "differ" in graph.mismatch(eager, eager * 1.01)
+    assert "differ" in graph.mismatch(eager, torch.tensor([float("nan"), 0.6931]))
