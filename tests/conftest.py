@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,17 +245,34 @@ def read_until(process: subprocess.Popen, pattern: str, seen: list[str]) -> re.M
 TOOL_PROCESS = re.compile(r"raylet|gcs_server|ray::|ray/_private|ray/dashboard|ray/autoscaler|\bray start|mlflow")
 
 
+SESSION_MARK = "GANPIPE_TEST_SESSION"  # inherited by every process the suite starts, Ray's daemons included
+
+
+def started_by(process: psutil.Process, session: str) -> bool:
+    """Whether the process carries this suite's mark in its environment (Ray and MLflow of other users do not)."""
+    try:
+        return process.environ().get(SESSION_MARK) == session
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_process_outlives_the_suite():
-    """Fails the suite if a Ray or MLflow process that a test started is still alive at the end (then ends it)."""
+    """Fails the suite if a Ray or MLflow process that a test started is still alive at the end (then ends it).
+
+    Ray daemonizes its processes, so they are not the suite's descendants: the suite marks its own environment
+    instead, and only processes that inherited the mark count. Another suite on the same machine is left alone.
+    """
+    session = uuid.uuid4().hex
+    os.environ[SESSION_MARK] = session
     started = time.time()
-    before = {process.pid for process in psutil.process_iter()}
 
     def leftovers() -> list[psutil.Process]:
         found = []
         for process in psutil.process_iter(["cmdline", "create_time"]):
             command = " ".join(process.info["cmdline"] or [])
-            if process.pid not in before and process.info["create_time"] >= started and TOOL_PROCESS.search(command):
+            if (process.info["create_time"] >= started and TOOL_PROCESS.search(command)
+                    and started_by(process, session)):
                 found.append(process)
         return found
 
