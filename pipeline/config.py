@@ -37,6 +37,7 @@ class DataConfig(Section):
     retries: int = Field(3, ge=1)
     timeout_s: float = Field(60, gt=0)
     mirrors: dict[DatasetName, list[str]] = {}
+    train_images: Optional[PositiveInt] = None  # the first N training images only (a quick run); null: all
 
     @field_validator("datasets")
     @classmethod

@@ -65,6 +65,9 @@ def summarize(arrays: dict[str, np.ndarray], num_classes: int) -> dict:
 def run(cfg: Config, dataset: str) -> dict:
     spec = DATASETS[dataset]
     arrays = _idx_arrays(dataset) if spec.kind == "idx" else _toy_arrays(cfg.train.seed)
+    if cfg.data.train_images:  # the test split stays whole: the quality floor is measured on it
+        first = slice(cfg.data.train_images)
+        arrays.update(x_train=arrays["x_train"][first], y_train=arrays["y_train"][first])
     paths = processed_paths(dataset)
     paths["npz"].parent.mkdir(parents=True, exist_ok=True)
     np.savez(paths["npz"], **arrays)
