@@ -99,14 +99,14 @@ def run_trial(sampled: dict, setup: dict) -> None:
     if in_process(cfg.sweep):
         loop_config = make_loop_config(cfg, dataset, inputs=setup["inputs"], mlflow_run_id=run_id,
                                        tracking_uri=setup["tracking_uri"], use_gpu=use_gpu,
-                                       diverged_metrics=setup["diverged_metrics"])
+                                       diverged_metrics=setup["diverged_metrics"], estimate=setup["estimate"])
         train_loop(loop_config, TuneSession(use_gpu))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
     fit(cfg, dataset, storage=setup["storage"], inputs=setup["inputs"], use_gpu=use_gpu, mlflow_run_id=run_id,
         tracking_uri=setup["tracking_uri"], ray_run_name=f"{setup['name']}-{trial_id}",
-        callbacks=[TuneReportCallback()], diverged_metrics=setup["diverged_metrics"])
+        callbacks=[TuneReportCallback()], diverged_metrics=setup["diverged_metrics"], estimate=setup["estimate"])
 
 
 def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
@@ -267,11 +267,14 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
     study_storage = _study_storage(cfg, root, name)
     worst = math.inf if sweep.mode == "min" else -math.inf
+    grid = sweep.scheduler != "pbt" and sweep.search == "random"  # as search_space() builds it
+    trials = trial_count(sweep.space, sweep.num_samples, grid)
     setup = {"params": cfg.model_dump(mode="json"), "root": str(root), "tracking_uri": uri, "name": name,
              "storage": storage, "inputs": inputs, "use_gpu": use_gpu, "git": git,
              "parent_run_id": parent_id, "experiment_id": experiment_id,
              "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst},
-             "lineage": tracking.lineage_tags()}  # trials may run where DVC_EXP_NAME is not set
+             "lineage": tracking.lineage_tags(),  # trials may run where DVC_EXP_NAME is not set
+             "estimate": {"stage": "sweep", "runs": trials, "at_once": concurrent, "once_key": f"estimate-{name}"}}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {key.lower(): amount for key, amount in share.items()})
     try:
@@ -283,9 +286,7 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         else:
             searcher = search_algorithm(cfg, study_storage, name)
             # On a terminal a bar of trials done and the best metric replaces Tune's periodic status tables.
-            grid = sweep.scheduler != "pbt" and sweep.search == "random"  # as search_space() builds it
-            progress = [sweep_callback(trial_count(sweep.space, sweep.num_samples, grid), sweep.metric,
-                                       sweep.mode)] if on_terminal() else []
+            progress = [sweep_callback(trials, sweep.metric, sweep.mode)] if on_terminal() else []
             tuner = tune.Tuner(
                 trainable, param_space=search_space(cfg),
                 tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler(cfg),

@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from gan.data import DATASETS, DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.models import build_models
-from pipeline import cluster, resume, tracking
+from pipeline import cluster, estimate, resume, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
 from pipeline.progress import EpochBar, checkpoint_callback, on_terminal
@@ -148,12 +148,17 @@ def train_loop(loop_config: dict, session=None) -> None:
     status, reason, quality = "completed", "", {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         bar = None  # rank 0's bar on the driver's terminal, fed by the engine's read-backs
+        iterations = len(batches) // cfg.train.d_steps
         if logger and loop_config.get("progress"):
-            bar = EpochBar(epoch, cfg.train.epochs, iterations=len(batches) // cfg.train.d_steps,
+            bar = EpochBar(epoch, cfg.train.epochs, iterations=iterations,
                            images_per_iteration=batches.batch_size * world * cfg.train.d_steps,
                            first_step=trainer.step)
+        on_read = bar.on_read if bar else None
+        if logger and epoch == start_epoch:  # on a CPU, say once how long the run will take
+            on_read = estimate.hook(loop_config.get("estimate"), device, iterations, cfg.train.epochs - epoch + 1,
+                                    then=on_read)
         try:
-            result = trainer.train_epoch(batches, on_read=bar.on_read if bar else None)
+            result = trainer.train_epoch(batches, on_read=on_read)
         except DivergedError as err:
             status, reason = "diverged", str(err)
         else:
@@ -193,11 +198,12 @@ def train_loop(loop_config: dict, session=None) -> None:
 
 
 def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
-                     use_gpu: bool, diverged_metrics: dict | None = None, progress: bool = False) -> dict:
+                     use_gpu: bool, diverged_metrics: dict | None = None, progress: bool = False,
+                     estimate: dict | None = None) -> dict:
     """What every worker needs: plain values and object-store references (``cluster.put_inputs``)."""
     return {"params": cfg.model_dump(mode="json"), "dataset": dataset, "inputs": inputs,
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "use_gpu": use_gpu,
-            "diverged_metrics": diverged_metrics or {}, "progress": progress}
+            "diverged_metrics": diverged_metrics or {}, "progress": progress, "estimate": estimate}
 
 
 def storage_path(cfg: Config, root: Path) -> str:
@@ -209,7 +215,8 @@ def storage_path(cfg: Config, root: Path) -> str:
 
 
 def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool, mlflow_run_id: str,
-        tracking_uri: str, ray_run_name: str, callbacks: list | None = None, diverged_metrics: dict | None = None):
+        tracking_uri: str, ray_run_name: str, callbacks: list | None = None, diverged_metrics: dict | None = None,
+        estimate: dict | None = None):
     """One TorchTrainer fit; returns the Ray Result (its checkpoint holds rank 0's outputs).
 
     A run folder ``<storage>/<ray_run_name>`` left by an interrupted fit makes Ray
@@ -222,7 +229,7 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
         train_loop,
         train_loop_config=make_loop_config(cfg, dataset, inputs=inputs, mlflow_run_id=mlflow_run_id,
                                            tracking_uri=tracking_uri, use_gpu=use_gpu,
-                                           diverged_metrics=diverged_metrics,
+                                           diverged_metrics=diverged_metrics, estimate=estimate,
                                            progress=on_terminal()),  # False inside a sweep's trial
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=cluster.worker_resources(use_gpu)),
@@ -284,7 +291,8 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
         with resume.Heartbeat(client, run_id):
             fit_called = time.time()
             result = fit(cfg, dataset, storage=storage, inputs=inputs, use_gpu=use_gpu, mlflow_run_id=run_id,
-                         tracking_uri=uri, ray_run_name=ray_run_name, callbacks=[checkpoint_callback()])
+                         tracking_uri=uri, ray_run_name=ray_run_name, callbacks=[checkpoint_callback()],
+                         estimate={"stage": stage, "runs": len(cfg.data.datasets)})
         status = read_status(result)
         if status["status"] == "failed":
             raise RuntimeError(status["reason"])
