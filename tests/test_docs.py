@@ -1,0 +1,194 @@
+"""README.md and docs/*.md: their links resolve, the commands they show parse, and `make demo` is wired.
+
+Fast (no Ray, no training): links are checked against the files and their headings,
+`ganpipe ...` lines against the CLI's own parser, `-S key=value` overrides against
+pipeline/config.py's validation, and the demo against its preset and `make -n demo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+from pipeline.cli import build_parser
+from pipeline.config import ConfigError, apply_overrides, load_config, read_params, validate
+from pipeline.presets import apply_preset
+from pipeline.progress import trial_count
+
+PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+OVERRIDE = re.compile(r"-S\s+(?:'([^']*)'|\"([^\"]*)\"|([^\s`'\"]+))")
+SHELL = {"bash", "sh", "shell", "console"}
+
+
+def page_id(page: Path) -> str:
+    return str(page.relative_to(REPO_ROOT))
+
+
+def prose(text: str) -> str:
+    """The page without its fenced code blocks: links there are examples, not links."""
+    return FENCE.sub("", text)
+
+
+def shell_lines(text: str) -> list[str]:
+    """Command lines of the page's bash blocks, continuation lines joined."""
+    lines = []
+    for language, body in FENCE.findall(text):
+        if language in SHELL:
+            lines += body.replace("\\\n", " ").splitlines()
+    return lines
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+)$", prose(page.read_text()), re.M):
+        base = slug(heading)
+        out.add(base if base not in seen else f"{base}-{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_relative_link_points_to_a_file_and_heading_that_exist(page):
+    broken = []
+    for target in LINK.findall(prose(page.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"{target}: no heading #{anchor} in {file.name}")
+    assert not broken, f"{page_id(page)}: " + "; ".join(broken)
+
+
+def test_the_readme_is_a_door_with_the_test_command_and_a_link_per_topic():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    assert "make test" in shell_lines(readme)  # CI runs the README's test command
+    for topic in ("cluster", "tracking", "sweeps", "resume", "quality", "benchmarks", "recipes", "testing",
+                  "gpu", "conditional", "tracking-outages"):
+        assert f"](docs/{topic}.md)" in readme, topic
+
+
+def ganpipe_commands() -> list[tuple[str, str]]:
+    out = []
+    for page in PAGES:
+        for line in shell_lines(page.read_text()):
+            words = shlex.split(line, comments=True)
+            if words and Path(words[0]).name == "ganpipe":
+                out.append((page_id(page), line.strip()))
+    return out
+
+
+COMMANDS = ganpipe_commands()
+
+
+def test_the_pages_show_ganpipe_commands():
+    shown = {shlex.split(line)[1] for _, line in COMMANDS}
+    assert {"train", "sample", "evaluate", "ui"} <= shown
+
+
+@pytest.mark.parametrize("page,line", COMMANDS, ids=[f"{page}: {line[:60]}" for page, line in COMMANDS])
+def test_every_ganpipe_command_shown_parses_with_the_cli_parser(page, line):
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        try:
+            build_parser().parse_args(shlex.split(line, comments=True)[1:])
+        except SystemExit:
+            pytest.fail(f"{page}: `{line}` does not parse: {errors.getvalue().strip().splitlines()[-1]}")
+
+
+def overrides_in(text: str) -> list[str]:
+    return [next(filter(None, groups)) for groups in OVERRIDE.findall(text)]
+
+
+def parse_override(text: str) -> dict:
+    """`-S key=value` as dvc exp run sets it: the value read as YAML."""
+    key, _, value = text.partition("=")
+    return {key: yaml.safe_load(value)}
+
+
+OVERRIDES = sorted({(page_id(page), item) for page in PAGES for item in overrides_in(page.read_text())})
+
+
+def test_the_pages_show_overrides():
+    assert len(OVERRIDES) >= 10
+
+
+@pytest.mark.parametrize("page,override", OVERRIDES, ids=[f"{page}: {item}" for page, item in OVERRIDES])
+def test_every_dvc_override_shown_names_a_key_the_config_accepts(page, override):
+    assert re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+=.*|preset=.*", override), f"{page}: -S {override}"
+    raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"), parse_override(override))
+    try:
+        validate(apply_preset(raw, REPO_ROOT))
+    except ConfigError as err:
+        pytest.fail(f"{page}: -S {override}: {err}")
+
+
+def test_an_unknown_key_is_caught_by_the_same_check():
+    raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"), parse_override("train.lr_gen=0.001"))
+    with pytest.raises(ConfigError, match="unknown key 'train.lr_gen'"):
+        validate(raw)
+
+
+# ---------------------------------------------------------------- make demo
+
+
+@pytest.fixture(scope="module")
+def demo_command() -> str:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    # -n prints the recipe without running it (nor the setup, when .venv is stale).
+    out = subprocess.run(["make", "-n", "demo"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if "dvc exp run" in line]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_make_demo_runs_every_stage_as_a_dvc_experiment(demo_command):
+    words = shlex.split(demo_command.split("dvc exp run", 1)[1].split(";")[0])
+    # Only -S options: no stage named, so every stage of dvc.yaml runs.
+    assert words and all(word == "-S" for word in words[::2]), words
+    assert "params.yaml" in Path(REPO_ROOT / "Makefile").read_text().split("demo:")[1]  # put back afterwards
+
+
+def test_the_demo_configuration_is_small_and_valid(demo_command):
+    overrides = {}
+    for item in overrides_in(demo_command):
+        overrides.update(parse_override(item))
+    assert overrides["preset"] == "demo"
+    cfg = load_config(REPO_ROOT / "params.yaml", overrides)
+    assert cfg.data.datasets == ["mnist"] and cfg.sweep.dataset == "mnist"
+    assert cfg.data.train_images == 10_000
+    assert cfg.data.mirrors == load_config(REPO_ROOT / "params.yaml").data.mirrors  # params.yaml's mirrors
+    assert cfg.model.name == "dcgan" and cfg.model.channels <= 32
+    assert cfg.train.epochs <= 3 and cfg.train.eval_samples <= 2000
+    grid = cfg.sweep.scheduler != "pbt" and cfg.sweep.search == "random"
+    assert 2 <= trial_count(cfg.sweep.space, cfg.sweep.num_samples, grid) <= 4
+    assert cfg.sweep.epochs == 1
+
+
+def test_a_mirror_override_reaches_the_demo(demo_command):
+    overrides = {}
+    for item in [*overrides_in(demo_command), "data.mirrors.mnist=[/data/mnist]"]:
+        overrides.update(parse_override(item))
+    assert load_config(REPO_ROOT / "params.yaml", overrides).data.mirrors["mnist"] == ["/data/mnist"]
