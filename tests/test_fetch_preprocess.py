@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import idx_bytes, make_dvc_repo, md5, project_params, run_cmd, synthetic_split
 from gan.data import DatasetSpec, IDXError, load_idx_split, read_idx
@@ -142,6 +143,17 @@ def test_dvc_repro_preprocess_matches_served_arrays(mirror, tmp_path):
     # A second repro has nothing to do: the stages are cached.
     again = run_cmd(["dvc", "repro", "preprocess@mnist"], repo)
     assert "didn't change, skipping" in again.stdout
+
+    # data.train_images (make demo's subset) is a tracked param: changing it re-runs preprocess.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["train_images"] = 120
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cut = run_cmd(["dvc", "repro", "preprocess@mnist"], repo)
+    assert "Running stage 'preprocess@mnist'" in cut.stdout and "Running stage 'fetch@mnist'" not in cut.stdout
+    with np.load(repo / "data/processed/mnist.npz") as npz:
+        np.testing.assert_array_equal(npz["x_train"], expect_train[:120])
+        np.testing.assert_array_equal(npz["y_train"], expect_labels[:120])
+        assert npz["x_test"].shape == (100, 28, 28)  # the floor is measured on the whole test split
 
 
 @pytest.mark.integration

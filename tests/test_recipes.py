@@ -37,7 +37,7 @@ def batches(n: int, size: int = 16, seed: int = 0) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- presets
 
 def test_every_tutorial_recipe_is_a_preset_that_cites_its_source():
-    assert available(REPO_ROOT) == PRESETS
+    assert [name for name in available(REPO_ROOT) if name != "demo"] == PRESETS  # demo: make demo's, no tutorial
     for name in PRESETS:
         text = (REPO_ROOT / "presets" / f"{name}.yaml").read_text()
         assert text.startswith("# "), f"{name}.yaml must open with the tutorial it reproduces"
