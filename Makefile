@@ -7,10 +7,10 @@ TORCH_VERSION ?= 2.13.0
 STARTED := $(shell date +%s)
 
 # The demo: every stage through DVC, MNIST only, presets/demo.yaml's small model and sweep.
-# DVC reads the datasets matrix and preprocess's params from params.yaml itself, so those
-# two are set here rather than in the preset. Add your own `dvc exp run` options with
+# DVC reads the datasets matrix and the params of preprocess and evaluator from params.yaml
+# itself, so those are set here rather than in the preset. Add your own `dvc exp run` options with
 # DEMO_ARGS, e.g. make demo DEMO_ARGS="-S 'data.mirrors.mnist=[/data/mnist]'".
-DEMO_SET := -S preset=demo -S 'data.datasets=[mnist]' -S data.train_images=10000
+DEMO_SET := -S preset=demo -S 'data.datasets=[mnist]' -S data.train_images=10000 -S evaluator.epochs=2
 DEMO_ARGS ?=
 PARAMS_BACKUP := .ganpipe/params.before-demo.yaml
 

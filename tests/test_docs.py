@@ -179,6 +179,7 @@ def test_the_demo_configuration_is_small_and_valid(demo_command):
     cfg = load_config(REPO_ROOT / "params.yaml", overrides)
     assert cfg.data.datasets == ["mnist"] and cfg.sweep.dataset == "mnist"
     assert cfg.data.train_images == 10_000
+    assert cfg.evaluator.epochs <= 2
     assert cfg.data.mirrors == load_config(REPO_ROOT / "params.yaml").data.mirrors  # params.yaml's mirrors
     assert cfg.model.name == "dcgan" and cfg.model.channels <= 32
     assert cfg.train.epochs <= 3 and cfg.train.eval_samples <= 2000
