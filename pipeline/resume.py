@@ -110,7 +110,8 @@ class Heartbeat:
     """Refreshes the run's heartbeat tag while the driver lives (a daemon thread), for hosts that cannot see its pid."""
 
     def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+        # Straight to the server, past any spool: a heartbeat an outage missed is worth nothing later.
+        self.client, self.run_id = getattr(client, "client", client), run_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="ganpipe-heartbeat")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, flatten
@@ -83,13 +83,14 @@ def lineage_tags() -> dict[str, str]:
 def start_run(cfg: Config, dataset: str, root: Path, *, stage: str, ray_run_name: str,
               params_hash: str, parent_run_id: str | None = None, name: str | None = None,
               extra_tags: dict[str, str] | None = None, uri: str | None = None,
-              git: dict[str, str] | None = None) -> tuple[MlflowClient, str]:
+              git: dict[str, str] | None = None, client=None) -> tuple[MlflowClient, str]:
     """Create the run (status RUNNING) with its tags and every param; returns (client, run_id).
 
     A sweep trial may run on another node: it passes the driver's ``uri`` and ``git``
     state rather than looking at a disk and environment that are not the head's.
+    ``client``: the stage's ``spool.SpooledClient``, through which the params go too.
     """
-    client = MlflowClient(uri or tracking_uri(cfg, root))
+    client = client or MlflowClient(uri or tracking_uri(cfg, root))
     experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
     tags = {**(git or git_state(root)), **lineage_tags(), "dvc.stage": stage, "ray.run_name": ray_run_name,
             "params.hash": params_hash, "dataset": dataset, **(extra_tags or {})}
@@ -128,9 +129,8 @@ def log_metric_rows(client: MlflowClient, run_id: str, rows: list[tuple[dict[str
 
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
     """Record the outcome: FINISHED for completed / stopped_early, FAILED otherwise (with the reason)."""
-    client.set_tag(run_id, TAG_STATUS, status)
-    if reason:
-        client.set_tag(run_id, TAG_FAILURE, reason[:5000])
+    tags = [RunTag(TAG_STATUS, status)] + ([RunTag(TAG_FAILURE, reason[:5000])] if reason else [])
+    client.log_batch(run_id, tags=tags)
     ok = status in ("completed", "stopped_early")
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 

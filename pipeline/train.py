@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from mlflow.tracking import MlflowClient
 
 from gan.data import DATASETS, DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.models import build_models
-from pipeline import cluster, resume, tracking
+from pipeline import cluster, resume, spool, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
 from pipeline.progress import EpochBar, checkpoint_callback, on_terminal
@@ -193,11 +192,12 @@ def train_loop(loop_config: dict, session=None) -> None:
 
 
 def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
-                     use_gpu: bool, diverged_metrics: dict | None = None, progress: bool = False) -> dict:
+                     spool_root: str, use_gpu: bool, diverged_metrics: dict | None = None,
+                     progress: bool = False) -> dict:
     """What every worker needs: plain values and object-store references (``cluster.put_inputs``)."""
     return {"params": cfg.model_dump(mode="json"), "dataset": dataset, "inputs": inputs,
-            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "use_gpu": use_gpu,
-            "diverged_metrics": diverged_metrics or {}, "progress": progress}
+            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "spool_root": spool_root,
+            "use_gpu": use_gpu, "diverged_metrics": diverged_metrics or {}, "progress": progress}
 
 
 def storage_path(cfg: Config, root: Path) -> str:
@@ -221,8 +221,8 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=make_loop_config(cfg, dataset, inputs=inputs, mlflow_run_id=mlflow_run_id,
-                                           tracking_uri=tracking_uri, use_gpu=use_gpu,
-                                           diverged_metrics=diverged_metrics,
+                                           tracking_uri=tracking_uri, spool_root=str(spool.spool_root(storage)),
+                                           use_gpu=use_gpu, diverged_metrics=diverged_metrics,
                                            progress=on_terminal()),  # False inside a sweep's trial
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=cluster.worker_resources(use_gpu)),
@@ -266,7 +266,7 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     git = tracking.git_state(root)
     identity = resume.run_identity(cfg, stage=stage, dataset=dataset, use_gpu=use_gpu, git_commit=git["git.commit"])
     ray_run_name = f"train-{dataset}-{identity}"
-    client = MlflowClient(uri)
+    client = spool.SpooledClient(uri, spool.spool_root(storage))  # an outage from here on spools, never fails
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, dataset), root)
     interrupted = resume.take_over(client, experiment_id, stage=stage, identity=identity, fresh=fresh)
     if interrupted:
@@ -277,7 +277,8 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
         resume.clear_storage(storage, ray_run_name)  # a finished run's checkpoints must not be resumed
         client, run_id = tracking.start_run(cfg, dataset, root, stage=stage, ray_run_name=ray_run_name,
                                             params_hash=params_hash(root / "params.yaml"), uri=uri, git=git,
-                                            extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()})
+                                            extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()},
+                                            client=client)
         print(f"{stage}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
     clock.lap("mlflow_run_s")
     try:
@@ -295,9 +296,12 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
         clock.lap("export_and_register_s")
         _write_timings(dataset, root, clock.laps, status.get("timings"), fit_called)
     except BaseException as err:
-        tracking.end_run(client, run_id, "failed", f"{type(err).__name__}: {err}")
+        if not isinstance(err, spool.TrackerError):  # the server refuses this run: nothing more to tell it
+            tracking.end_run(client, run_id, "failed", f"{type(err).__name__}: {err}")
+        spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, stage)
         raise
     tracking.end_run(client, run_id, status["status"], status.get("reason", ""))
+    spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, stage)
     if status["status"] == "diverged":
         raise TrainingDiverged(f"run {run_id} diverged: {status['reason']}")
     return summary
@@ -357,7 +361,6 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
 
 def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: Path) -> None:
     """The checkpoint, the real-data reference picture and the generator as a registered model."""
-    import mlflow
     from mlflow.models import infer_signature
 
     paths = output_paths(dataset, root)
@@ -371,12 +374,8 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     noise = torch.randn(4, cfg.model.latent_dim)
     with torch.no_grad():
         signature = infer_signature(noise.numpy(), generator(noise).numpy())
-    mlflow.set_tracking_uri(client.tracking_uri)
     # Listed, not inferred: MLflow infers requirements by loading the model in a subprocess (~8 s a run).
     requirements = [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy")]
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(
-            generator, name="generator", input_example=noise.numpy(), signature=signature,
-            pip_requirements=requirements,
-            registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None,
-        )
+    client.log_model(run_id, generator, name="generator", input_example=noise.numpy(), signature=signature,
+                     pip_requirements=requirements,
+                     registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None)
