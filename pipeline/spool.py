@@ -44,7 +44,7 @@ from mlflow.tracking import MlflowClient
 # MLflow's own HTTP retries (7 with doubling backoff, 120 s timeouts) block a call for minutes:
 # here a failed call is spooled after about a second and retried in the background instead.
 SHORT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 BACKOFF_S = (1, 2, 4, 8, 15, 30)
 TAG_MODEL_LOGGED = "ganpipe.model_logged"
 MAX_BATCH = 900  # MLflow caps a batch at 1000 metrics

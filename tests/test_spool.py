@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
-import shutil
+import re
+import subprocess
+import threading
 import time
 
 import numpy as np
+import pandas as pd
+import psutil
 import pytest
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
+from conftest import end_process_tree, make_dvc_repo, read_until, run_cmd, serve_mirror, tool_env
 from mlflow_server import MlflowServer
-from pipeline import spool, tracking
+from pipeline import resume, spool, tracking
+from test_train_stage import small_params
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +92,109 @@ def test_a_refused_call_fails_fast_and_is_not_spooled(server, tmp_path):
         tracking.log_metrics(client, "0" * 32, {"loss": 1.0}, step=1)  # no such run: a 404
     assert time.monotonic() - started < 10
     assert not client.spool.pending()
+
+
+# --------------------------------------------------------------------------- the train stage through outages
+
+EPOCHS = 6
+
+
+def outage_params(mirror_url: str, uri: str, epochs: int, flush_timeout_s: float) -> dict:
+    """The train stage's small fixture, logging to the server; no worker restart allowed (ray.max_failures 0)."""
+    params = small_params(mirror_url, epochs=epochs)
+    params["ray"]["max_failures"] = 0  # an outage that failed a worker would fail the run
+    params["mlflow"].update(tracking_uri=uri, flush_timeout_s=flush_timeout_s)
+    return params
+
+
+def freeze(server: MlflowServer, seconds: float) -> None:
+    """SIGSTOP the server's processes for a while: it accepts connections and answers nothing (a hung server)."""
+    tree = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    for process in tree:
+        process.suspend()
+    time.sleep(seconds)
+    for process in tree:
+        process.resume()
+
+
+def assert_run_complete(uri: str, repo, epochs: int) -> str:
+    """Every epoch's point and grid, each once, the model registered once, the run FINISHED; returns its id."""
+    run_id = json.loads((repo / "metrics/train/mnist.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_STATUS] == "completed"
+    assert resume.TAG_RESUMED not in run.data.tags  # no worker restart was spent
+    for key in ("quality/fid", "epoch", "speed/img_per_s"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, epochs + 1)), key
+    losses = pd.read_csv(repo / "plots/losses/mnist.csv")
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss/d")) == sorted(losses["step"])
+    assert image_steps(client, run_id) == list(range(1, epochs + 1))
+    assert {"checkpoint", "reference", "generator"} <= {a.path for a in client.list_artifacts(run_id)} | {
+        model.name for model in client.search_logged_models([run.info.experiment_id])}
+    (version,) = client.search_model_versions("name='ganpipe-mnist-generator'")
+    assert version.run_id == run_id
+    return run_id
+
+
+def test_train_goes_on_through_a_hung_and_a_killed_server(tmp_path):
+    """A server that hangs (longer than a call's timeout), then one killed and restarted, while train@mnist runs."""
+    server = MlflowServer(tmp_path / "mlflow").start()
+    process = None
+    try:
+        with serve_mirror() as state:
+            repo = make_dvc_repo(tmp_path / "repo", outage_params(state.url, server.uri, EPOCHS, 300))
+            run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
+            process = subprocess.Popen(["dvc", "repro", "train@mnist"], cwd=repo, env=tool_env(), text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            seen: list[str] = []
+            read_until(process, r"checkpoint of epoch 1 saved", seen)
+            freeze(server, 15)
+            read_until(process, r"checkpoint of epoch 3 saved", seen)
+            server.kill()
+            restart = threading.Thread(target=server.start)
+            restart.start()  # about half a minute on a busy machine: training goes on meanwhile
+            seen.extend(process.stdout)
+            assert process.wait(timeout=600) == 0, "".join(seen)[-4000:]
+            restart.join()
+        output = "".join(seen)
+        assert "is not answering: spooling" in output and "resumed from the checkpoint" not in output
+        assert "still spooled" not in output
+        assert_run_complete(server.uri, repo, EPOCHS)
+        assert not list((repo / "ray_results" / "ganpipe-spool").rglob("*.json"))
+    finally:
+        if process is not None and process.poll() is None:
+            end_process_tree(process)
+        server.stop()
+
+
+def test_a_server_that_never_comes_back_then_ganpipe_sync(tmp_path):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        with serve_mirror() as state:
+            repo = make_dvc_repo(tmp_path / "repo", outage_params(state.url, server.uri, 3, 2))
+            run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
+            process = subprocess.Popen(["dvc", "repro", "train@mnist"], cwd=repo, env=tool_env(), text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                seen: list[str] = []
+                read_until(process, r"checkpoint of epoch 1 saved", seen)
+                server.kill()
+                seen.extend(process.stdout)
+                assert process.wait(timeout=600) == 0, "".join(seen)[-4000:]
+            finally:
+                end_process_tree(process)
+        output = "".join(seen)
+        spooled = re.search(r"train@mnist: (\d+) MLflow record\(s\) still spooled in (\S+):", output)
+        assert spooled, output[-4000:]
+        assert int(spooled[1]) > 0 and spooled[2].endswith("ray_results/ganpipe-spool")
+        assert json.loads((repo / "metrics/train/mnist.json").read_text())["epoch"] == 3  # DVC outputs anyway
+
+        server.start()
+        first = run_cmd(["ganpipe", "sync"], repo).stdout
+        assert re.search(r"ganpipe sync: [1-9]\d* record\(s\) delivered .*; 0 still spooled", first), first
+        assert_run_complete(server.uri, repo, 3)
+        again = run_cmd(["ganpipe", "sync"], repo).stdout
+        assert "ganpipe sync: 0 record(s) delivered" in again
+        assert_run_complete(server.uri, repo, 3)
+    finally:
+        server.stop()
