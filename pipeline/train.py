@@ -124,9 +124,7 @@ def train_loop(loop_config: dict, session=None) -> None:
     start_epoch, history = 1, History()
     checkpoint = session.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            folder = Path(folder)
-            state = torch.load(folder / f"rank{rank}.pt", weights_only=True, map_location="cpu")
+        with resume.readable_checkpoint(checkpoint, rank) as (state, folder):  # the one before, if cut short
             trainer.load_state_dict(state["trainer"])
             batches.load_state_dict(state["batches"])
             start_epoch = state["epoch"] + 1
