@@ -18,7 +18,6 @@ import math
 import os
 import socket
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from gan.data import DATASETS, shard
 from pipeline.config import Config, ConfigError
 from pipeline.evaluator import load_reference
+from pipeline.tracking import probe_tracking_server, tracking_credentials
 
 CONNECT_TIMEOUT_S = 60
 PROBE_TIMEOUT_S = 60
@@ -68,16 +68,23 @@ def connect(cfg: Config) -> None:
         # every process it starts.
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", logging_level="warning", include_dashboard=True, dashboard_port=port)
+        ray.init(address="local", logging_level="warning", include_dashboard=True, dashboard_port=port,
+                 runtime_env=_forwarded_env())
         return
     target = resolve_address(address)
     wait_for_port(address, target, CONNECT_TIMEOUT_S)
     try:
-        ray.init(address=address, logging_level="warning")
+        ray.init(address=address, logging_level="warning", runtime_env=_forwarded_env())
     except Exception as err:  # Ray raises ConnectionError, RuntimeError or AuthenticationError here
         hint = " (is RAY_AUTH_TOKEN the cluster's token?)" if "auth" in str(err).lower() else ""
         raise ClusterError(f"params.yaml: ray.address = {address!r}: could not join the Ray cluster at "
                            f"{target[0]}:{target[1]}{hint}: {_first_line(err)}") from None
+
+
+def _forwarded_env() -> dict | None:
+    """Every Ray worker and trial, on any node, gets the driver's MLflow credentials."""
+    credentials = tracking_credentials()
+    return {"env_vars": credentials} if credentials else None
 
 
 def _free_port() -> int:
@@ -224,7 +231,11 @@ def start(cfg: Config) -> list[Node]:
 
 
 def check_shared(tracking_uri: str, storage: str, nodes: list[Node]) -> None:
-    """On a multi-node cluster: MLflow must be a server, and every node must share storage_path."""
+    """MLflow takes our credentials; on a multi-node cluster it must be a server every node reaches with
+    them, and every node must share storage_path."""
+    problem = probe_tracking_server(tracking_uri, tracking_credentials())
+    if problem:
+        raise ClusterError(f"MLflow at {tracking_uri} {problem}")
     check_tracking_store(tracking_uri, nodes)
     probe_nodes(storage, tracking_uri, nodes)
 
@@ -288,8 +299,10 @@ def probe_nodes(storage: str, tracking_uri: str, nodes: list[Node]) -> None:
             if not problem and filesystem.get_file_info(f"{folder}/{node.node_id}").type == pafs.FileType.NotFound:
                 problem = "the driver cannot see what it wrote there"
             if problem.startswith("mlflow:"):
-                raise ClusterError(f"params.yaml: mlflow.tracking_uri = {tracking_uri!r}: the node at {node} "
-                                   f"{problem.removeprefix('mlflow: ')}: use an address every node reaches")
+                problem = problem.removeprefix("mlflow: ")
+                hint = ": use an address every node reaches" if problem.startswith("cannot be reached") else ""
+                raise ClusterError(f"params.yaml: mlflow.tracking_uri = {tracking_uri!r}: the MLflow server, from the "
+                                   f"node at {node}, {problem}{hint}")
             if problem:
                 raise ClusterError(
                     f"params.yaml: ray.storage_path = {storage!r} is not shared: the node at {node}: {problem}; "
@@ -313,12 +326,8 @@ def _probe_node(storage: str, folder: str, token: str, tracking_uri: str) -> str
             out.write(b"ok")
     except OSError as err:
         return f"it cannot see the driver's marker ({_first_line(err)})"
-    if tracking_uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10).close()
-        except OSError as err:
-            return f"mlflow: cannot reach the MLflow server ({_first_line(err)})"
-    return ""
+    problem = probe_tracking_server(tracking_uri, tracking_credentials())
+    return f"mlflow: {problem}" if problem else ""
 
 
 # --------------------------------------------------------------------------- inputs

@@ -7,12 +7,15 @@ MLFLOW_TRACKING_URI environment variable point at a server instead.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -40,6 +43,44 @@ def tracking_uri(cfg: Config, root: Path) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     (root / "mlruns").mkdir(exist_ok=True)
     return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+# MLflow's credentials: they reach the workers through Ray's runtime env, never params.yaml or a log line.
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def tracking_credentials() -> dict[str, str]:
+    """The MLflow credentials set in this environment."""
+    return {key: os.environ[key] for key in CREDENTIAL_VARS if os.environ.get(key)}
+
+
+def probe_tracking_server(uri: str, credentials: dict[str, str]) -> str:
+    """'' when the MLflow server at ``uri`` lets these credentials read experiments; else what is wrong,
+    naming the environment variable to fix (never its value)."""
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password, token = (credentials.get(key) for key in CREDENTIAL_VARS)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        urllib.request.urlopen(request, timeout=30).close()
+        return ""
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            if token:
+                return "refused MLFLOW_TRACKING_TOKEN: set a valid token"
+            if not user or not password:
+                missing = " and ".join(key for key, value in zip(CREDENTIAL_VARS[:2], (user, password)) if not value)
+                return f"asks for credentials and {missing} is not set in the environment"
+            return "refused MLFLOW_TRACKING_PASSWORD for MLFLOW_TRACKING_USERNAME: set the user's password"
+        if err.code == 403:
+            return "lets MLFLOW_TRACKING_USERNAME in but not read experiments: grant the user READ or more"
+        return f"answered HTTP {err.code} {err.reason}"
+    except OSError as err:
+        return f"cannot be reached ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
 
 
 def experiment_name(cfg: Config, dataset: str) -> str:
