@@ -47,11 +47,17 @@ SHORT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUE
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 BACKOFF_S = (1, 2, 4, 8, 15, 30)
 TAG_MODEL_LOGGED = "ganpipe.model_logged"
+# A run created while the server was away: records name it by a placeholder until it exists.
+PENDING, TAG_SPOOL_KEY = "pending-", "ganpipe.spool_key"
 MAX_BATCH = 900  # MLflow caps a batch at 1000 metrics
 
 
 class TrackerError(RuntimeError):
     """The tracking server refused a call for a reason retrying cannot fix."""
+
+
+class RunNotCreatedYet(ConnectionError):
+    """A record for a run whose creation another writer has not delivered yet: retried like an outage."""
 
 
 def use_short_http_retries() -> None:
@@ -140,7 +146,10 @@ class Spool:
             for path in self.pending():
                 files, record = path.with_suffix(".files"), json.loads(path.read_text())
                 try:
-                    send(record, files)
+                    if record["op"] == "create_run":
+                        self._remember(record["run_id"], send(record, files))
+                    else:
+                        send({**record, "run_id": self.resolve(record["run_id"])}, files)
                 except Exception as err:
                     if is_transport_failure(err):
                         return len(self.pending())
@@ -151,6 +160,23 @@ class Spool:
             return 0
 
 
+    def resolve(self, run_id: str) -> str:
+        """The server's id of a run, also of one first created in a spool (by any writer under the same root)."""
+        if not run_id.startswith(PENDING):
+            return run_id
+        created = self.folder.parent / "runs" / run_id
+        if not created.exists():
+            raise RunNotCreatedYet(run_id)
+        return created.read_text()
+
+    def _remember(self, placeholder: str, run_id: str) -> None:
+        folder = self.folder.parent / "runs"
+        folder.mkdir(exist_ok=True)
+        partial = folder / f".{placeholder}.tmp"
+        partial.write_text(run_id)
+        os.replace(partial, folder / placeholder)
+
+
 def _drop(record: Path, files: Path) -> None:
     record.unlink(missing_ok=True)  # the mark of delivery: from here on it is not sent again
     shutil.rmtree(files, ignore_errors=True)
@@ -159,6 +185,13 @@ def _drop(record: Path, files: Path) -> None:
 def send_record(client: MlflowClient, record: dict, files: Path) -> None:
     """Replay one record on the server; every kind is idempotent (see the module's docstring)."""
     op, run_id = record["op"], record["run_id"]
+    if op == "create_run":  # once: a resend finds the run its first send created by its placeholder tag
+        found = client.search_runs([record["experiment_id"]], filter_string=f"tags.`{TAG_SPOOL_KEY}` = '{run_id}'")
+        if found:
+            return found[0].info.run_id
+        created = client.create_run(record["experiment_id"], run_name=record["run_name"], tags=record["tags"])
+        client.log_batch(created.info.run_id, params=[Param(key, value) for key, value in record["params"]])
+        return created.info.run_id
     if op == "batch":
         metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in record["metrics"]]
         params = [Param(key, value) for key, value in record["params"]]
@@ -262,6 +295,17 @@ class SpooledClient:
         self._submit({"op": "model", "run_id": run_id, "name": name, "signature": signature.to_dict(),
                       "pip_requirements": pip_requirements, "registered_model_name": registered_model_name}, write)
 
+    def create_run_spooled(self, experiment_id: str, run_name: str, tags: dict[str, str], params: list) -> str:
+        """A new run's id, or a placeholder when the server is away: the run is created when it is back."""
+        placeholder = PENDING + uuid.uuid4().hex
+        self._submit({"op": "create_run", "run_id": placeholder, "experiment_id": experiment_id,
+                      "run_name": run_name, "tags": {**tags, TAG_SPOOL_KEY: placeholder},
+                      "params": [[p.key, str(p.value)] for p in params]})
+        try:
+            return self.spool.resolve(placeholder)
+        except RunNotCreatedYet:
+            return placeholder
+
     def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
         self._submit({"op": "terminate", "run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
 
@@ -336,7 +380,7 @@ def deliver_all(tracking_uri: str, spool_root: str | Path, timeout_s: float = 0.
     if not root.is_dir():
         return 0, 0
     client = MlflowClient(tracking_uri)
-    spools = [Spool(folder) for folder in sorted(root.iterdir()) if folder.is_dir()]
+    spools = [Spool(folder) for folder in sorted(root.iterdir()) if folder.is_dir() and folder.name != "runs"]
     before = sum(len(spool.pending()) for spool in spools)
     deadline, attempt = time.monotonic() + timeout_s, 0
     while True:

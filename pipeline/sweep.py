@@ -110,9 +110,14 @@ def run_trial(sampled: dict, setup: dict) -> None:
 
 def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
     """This trial's MLflow run under the sweep's parent; a restarted trial reuses its own."""
-    existing = client.search_runs(
-        [setup["experiment_id"]],
-        filter_string=f"tags.mlflow.parentRunId = '{setup['parent_run_id']}' and tags.`ray.trial_id` = '{trial_id}'")
+    try:
+        existing = client.search_runs(
+            [setup["experiment_id"]],
+            filter_string=f"tags.mlflow.parentRunId = '{setup['parent_run_id']}' and tags.`ray.trial_id` = '{trial_id}'")
+    except Exception as err:
+        if not spool.is_transport_failure(err):
+            raise
+        existing = []  # the server is away: a new run, created when it is back
     if existing:
         if existing[0].info.status != "RUNNING":  # ended as interrupted with its sweep's driver
             client.update_run(existing[0].info.run_id, status="RUNNING")
@@ -121,7 +126,7 @@ def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
         cfg, cfg.sweep.dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
         params_hash=setup["params_hash"], parent_run_id=setup["parent_run_id"],
         name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id, **setup["lineage"]},
-        uri=setup["tracking_uri"], git=setup["git"], client=client)
+        uri=setup["tracking_uri"], git=setup["git"], client=client, experiment_id=setup["experiment_id"])
     return run_id
 
 

@@ -124,22 +124,25 @@ def lineage_tags() -> dict[str, str]:
 def start_run(cfg: Config, dataset: str, root: Path, *, stage: str, ray_run_name: str,
               params_hash: str, parent_run_id: str | None = None, name: str | None = None,
               extra_tags: dict[str, str] | None = None, uri: str | None = None,
-              git: dict[str, str] | None = None, client=None) -> tuple[MlflowClient, str]:
+              git: dict[str, str] | None = None, client=None,
+              experiment_id: str | None = None) -> tuple[MlflowClient, str]:
     """Create the run (status RUNNING) with its tags and every param; returns (client, run_id).
 
     A sweep trial may run on another node: it passes the driver's ``uri`` and ``git``
     state rather than looking at a disk and environment that are not the head's.
-    ``client``: the stage's ``spool.SpooledClient``, through which the params go too.
+    ``client``: the stage's ``spool.SpooledClient``, through which the params go too; a
+    child run (``parent_run_id``, in the parent's ``experiment_id``) needs one.
     """
     client = client or MlflowClient(uri or tracking_uri(cfg, root))
-    experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
     tags = {**(git or git_state(root)), **lineage_tags(), "dvc.stage": stage, "ray.run_name": ray_run_name,
             "params.hash": params_hash, "dataset": dataset, **(extra_tags or {})}
-    if parent_run_id:
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+    if parent_run_id:  # a sweep's trial: its run is created (spooled) even while the server is away
         tags["mlflow.parentRunId"] = parent_run_id
+        return client, client.create_run_spooled(experiment_id, name or run_name(cfg), tags, params)
+    experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
     run = client.create_run(experiment_id, run_name=name or run_name(cfg), tags=tags)
-    client.log_batch(run.info.run_id,
-                     params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()])
+    client.log_batch(run.info.run_id, params=params)
     return client, run.info.run_id
 
 

@@ -15,7 +15,7 @@ import pytest
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from conftest import end_process_tree, make_dvc_repo, read_until, run_cmd, serve_mirror, tool_env
+from conftest import end_process_tree, make_dvc_repo, read_until, run_cmd, serve_mirror, sweep_params, tool_env
 from mlflow_server import MlflowServer
 from pipeline import resume, spool, tracking
 from test_train_stage import small_params
@@ -197,4 +197,50 @@ def test_a_server_that_never_comes_back_then_ganpipe_sync(tmp_path):
         assert "ganpipe sync: 0 record(s) delivered" in again
         assert_run_complete(server.uri, repo, 3)
     finally:
+        server.stop()
+
+
+def test_sweep_trials_train_through_an_outage(tmp_path):
+    """The server killed while the first trial trains and restarted: trials go on, runs created meanwhile too."""
+    server = MlflowServer(tmp_path / "mlflow").start()
+    process = None
+    try:
+        with serve_mirror() as state:
+            params = sweep_params(state.url)
+            params["mlflow"].update(tracking_uri=server.uri, flush_timeout_s=300)
+            repo = make_dvc_repo(tmp_path / "repo", params)
+            run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
+            process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=tool_env(), text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            seen: list[str] = []
+            read_until(process, r"epoch 1/3", seen)
+            server.kill()
+            restart = threading.Thread(target=server.start)
+            restart.start()
+            seen.extend(process.stdout)
+            assert process.wait(timeout=900) == 0, "".join(seen)[-4000:]
+            restart.join()
+        output = "".join(seen)
+        assert "is not answering: spooling" in output and "still spooled" not in output
+
+        table = pd.read_csv(repo / "sweep/results.csv")
+        summary = json.loads((repo / "sweep/summary.json").read_text())
+        assert len(table) == 4 and summary["failed"] == 0 and "failed" not in set(table["status"])
+        client = MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("ganpipe-mnist")
+        runs = client.search_runs([experiment.experiment_id])
+        (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+        assert parent.info.status == "FINISHED"
+        children = {run.info.run_id: run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        assert set(children) == set(table["mlflow_run_id"])  # one run per trial, none created twice
+        for row in table.itertuples():
+            child = children[row.mlflow_run_id]
+            assert child.info.status == ("FAILED" if row.status == "diverged" else "FINISHED"), row
+            if row.status != "diverged":
+                steps = [m.step for m in client.get_metric_history(row.mlflow_run_id, "quality/fid")]
+                assert sorted(steps) == list(range(1, row.epochs_run + 1)), row
+                assert image_steps(client, row.mlflow_run_id) == list(range(1, row.epochs_run + 1)), row
+    finally:
+        if process is not None and process.poll() is None:
+            end_process_tree(process)
         server.stop()
