@@ -68,23 +68,16 @@ def connect(cfg: Config) -> None:
         # every process it starts.
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", logging_level="warning", include_dashboard=True, dashboard_port=port,
-                 runtime_env=_forwarded_env())
+        ray.init(address="local", logging_level="warning", include_dashboard=True, dashboard_port=port)
         return
     target = resolve_address(address)
     wait_for_port(address, target, CONNECT_TIMEOUT_S)
     try:
-        ray.init(address=address, logging_level="warning", runtime_env=_forwarded_env())
+        ray.init(address=address, logging_level="warning")
     except Exception as err:  # Ray raises ConnectionError, RuntimeError or AuthenticationError here
         hint = " (is RAY_AUTH_TOKEN the cluster's token?)" if "auth" in str(err).lower() else ""
         raise ClusterError(f"params.yaml: ray.address = {address!r}: could not join the Ray cluster at "
                            f"{target[0]}:{target[1]}{hint}: {_first_line(err)}") from None
-
-
-def _forwarded_env() -> dict | None:
-    """Every Ray worker and trial, on any node, gets the driver's MLflow credentials."""
-    credentials = tracking_credentials()
-    return {"env_vars": credentials} if credentials else None
 
 
 def _free_port() -> int:
@@ -290,8 +283,9 @@ def probe_nodes(storage: str, tracking_uri: str, nodes: list[Node]) -> None:
         with filesystem.open_output_stream(f"{folder}/driver") as out:
             out.write(token.encode())
         probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+        credentials = ray.put(tracking_credentials())  # not a runtime env: Ray's agent logs those in full
         pending = {node.node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node.node_id, soft=False)).remote(storage, folder, token, tracking_uri) for node in nodes}
+            node.node_id, soft=False)).remote(storage, folder, token, tracking_uri, credentials) for node in nodes}
         ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
         for node in nodes:
             ref = pending[node.node_id]
@@ -311,7 +305,7 @@ def probe_nodes(storage: str, tracking_uri: str, nodes: list[Node]) -> None:
         filesystem.delete_dir(folder)
 
 
-def _probe_node(storage: str, folder: str, token: str, tracking_uri: str) -> str:
+def _probe_node(storage: str, folder: str, token: str, tracking_uri: str, credentials: dict[str, str]) -> str:
     """Runs on one node: '' when it sees the driver's marker, wrote its own and reached MLflow."""
     import ray
     from pyarrow import fs as pafs
@@ -326,7 +320,7 @@ def _probe_node(storage: str, folder: str, token: str, tracking_uri: str) -> str
             out.write(b"ok")
     except OSError as err:
         return f"it cannot see the driver's marker ({_first_line(err)})"
-    problem = probe_tracking_server(tracking_uri, tracking_credentials())
+    problem = probe_tracking_server(tracking_uri, credentials)
     return f"mlflow: {problem}" if problem else ""
 
 
@@ -339,12 +333,24 @@ def put_inputs(dataset: str, root: Path, arrays: dict[str, np.ndarray]) -> dict:
     ``x_train``: the processed training images; a node pulls them once and its
     workers share that copy, each keeping only its shard on its device.
     ``reference``: (evaluator network, real reference features) for rank 0's
-    quality evaluation, computed once on the driver's CPU.
+    quality evaluation, computed once on the driver's CPU. ``credentials``: see ``use_credentials``.
     """
     import ray
 
     return {"x_train": ray.put(arrays["x_train"]),
-            "reference": ray.put(load_reference(dataset, root, torch.device("cpu"), arrays))}
+            "reference": ray.put(load_reference(dataset, root, torch.device("cpu"), arrays)),
+            "credentials": ray.put(tracking_credentials())}
+
+
+def use_credentials(inputs: dict) -> None:
+    """The driver's MLflow credentials (``tracking.CREDENTIAL_VARS``) in this worker's environment.
+
+    They travel through the object store, not a runtime env: Ray's runtime-env agent
+    writes a job's runtime env, variables and all, to its log.
+    """
+    import ray
+
+    os.environ.update(ray.get(inputs["credentials"]))
 
 
 def worker_shard(inputs: dict, rank: int, world: int) -> torch.Tensor:

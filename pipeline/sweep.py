@@ -88,6 +88,7 @@ def run_trial(sampled: dict, setup: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     raw_params = setup["params"]
     cfg = trial_config(raw_params, validate(raw_params).sweep, sampled)
+    cluster.use_credentials(setup["inputs"])
     client = spool.SpooledClient(setup["tracking_uri"], spool.spool_root(setup["storage"]))
     run_id = _child_run(client, cfg, setup, trial_id)
     # Every (re)start records the values this trial trains with: PBT changes them as it explores.

@@ -132,6 +132,8 @@ def train_loop(loop_config: dict, session=None) -> None:
                 history = History.load(folder)
                 print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
+    if rank == 0:
+        cluster.use_credentials(loop_config["inputs"])
     logger = RankZeroLogger(loop_config, cfg, dataset, device) if rank == 0 else None
     if logger and start_epoch > 1:
         logger.client.set_tag(logger.run_id, resume.TAG_RESUMED, str(start_epoch - 1))

@@ -6,7 +6,8 @@ where the project's data/, models/ and mlruns/ are empty tmpfs mounts: a worker 
 that read the head's files would fail. A 2-worker run puts one worker on each node.
 Both nodes share a storage_path directory, and token authentication is on. MLflow runs its
 basic-auth app: the driver has the credentials in its environment, the nodes do not (the
-pipeline forwards them to its workers), and no store or log holds the password.
+pipeline hands them to its workers through the object store), and no store or log holds
+the password.
 
 Every process started here is ended by its pid, in a `finally`.
 """
@@ -351,7 +352,8 @@ def test_bad_cluster_setting_stops_before_training(evaluated, case):
 BAD_CREDENTIALS = {
     "wrong_password": ({"MLFLOW_TRACKING_PASSWORD": "not-the-password"},
                        "refused MLFLOW_TRACKING_PASSWORD for MLFLOW_TRACKING_USERNAME"),
-    "no_password": ({"MLFLOW_TRACKING_PASSWORD": None}, "MLFLOW_TRACKING_PASSWORD is not set in the environment"),
+    "no_password": ({"MLFLOW_TRACKING_PASSWORD": None},
+                    "asks for credentials and MLFLOW_TRACKING_PASSWORD is not set in the environment"),
 }
 
 
