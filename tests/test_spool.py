@@ -48,6 +48,13 @@ def test_an_outage_is_spooled_and_delivered_in_order_exactly_once(server, tmp_pa
     client.log_image(run_id, np.zeros((8, 8, 3), np.uint8), key="samples", step=1)
     assert not list((tmp_path / "spool").rglob("*.json")), "delivered at once while the server answers"
 
+    # An outage shorter than a call's timeout and retry: the call waits it out, nothing is spooled.
+    frozen = threading.Thread(target=freeze, args=(server, 1.0))
+    frozen.start()
+    tracking.log_metrics(client, run_id, {"blip": 1.0}, step=1)
+    frozen.join()
+    assert not client.spool.pending() and not client._backlog
+
     server.kill()
     started = time.monotonic()
     for step in (2, 3, 4):
