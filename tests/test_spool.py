@@ -20,6 +20,8 @@ from mlflow_server import MlflowServer
 from pipeline import resume, spool, tracking
 from test_train_stage import small_params
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
