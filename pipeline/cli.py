@@ -19,9 +19,10 @@ USER_ERRORS = (ConfigError, FetchError, IDXError, FileNotFoundError)
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from gan.engine import DivergedError
+    from pipeline.spool import TrackerError
     from pipeline.train import TrainingDiverged
 
-    return (*USER_ERRORS, DivergedError, TrainingDiverged)
+    return (*USER_ERRORS, DivergedError, TrainingDiverged, TrackerError)
 
 
 def _stage(module_name: str):
@@ -71,6 +72,23 @@ def _ui(args: argparse.Namespace) -> None:
     raise SystemExit(serve_ui(Path("."), host=args.host, port=args.port))
 
 
+def _sync(args: argparse.Namespace) -> None:
+    """Deliver what outages of the tracking server left spooled; what was delivered is never sent again."""
+    from pathlib import Path
+
+    from pipeline.spool import TrackerError, deliver_all, spool_root
+    from pipeline.tracking import tracking_uri
+    from pipeline.train import storage_path
+
+    cfg, root = load_config(args.params), Path(".").resolve()
+    folder = Path(args.spool) if args.spool else spool_root(storage_path(cfg, root))
+    uri = tracking_uri(cfg, root)
+    delivered, left = deliver_all(uri, folder, args.timeout)
+    print(f"ganpipe sync: {delivered} record(s) delivered to {uri} from {folder}; {left} still spooled")
+    if left:
+        raise TrackerError(f"MLflow at {uri} did not answer: {left} record(s) stay in {folder}; run it again later")
+
+
 PRESET_HELP = "a recipe from presets/ laid over params.yaml (default: params.yaml's preset)"
 FRESH_HELP = "start over, even when an interrupted run with the same params could be resumed"
 
@@ -101,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=_ui)
+
+    sync = commands.add_parser("sync", help="deliver MLflow records an outage of the tracking server spooled")
+    sync.add_argument("spool", nargs="?", help="a spool folder (default: ganpipe-spool in ray.storage_path)")
+    sync.add_argument("--timeout", type=float, default=0.0, help="keep retrying this many seconds (default: once)")
+    sync.set_defaults(func=_sync)
 
     for name, help_text in [("sample", "write a PNG grid of generated images"),
                             ("evaluate", "print a generator's quality metrics next to the floor")]:

@@ -18,7 +18,6 @@ import math
 import os
 import socket
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from gan.data import DATASETS, shard
 from pipeline.config import Config, ConfigError
 from pipeline.evaluator import load_reference
+from pipeline.tracking import probe_tracking_server, tracking_credentials
 
 CONNECT_TIMEOUT_S = 60
 PROBE_TIMEOUT_S = 60
@@ -224,7 +224,11 @@ def start(cfg: Config) -> list[Node]:
 
 
 def check_shared(tracking_uri: str, storage: str, nodes: list[Node]) -> None:
-    """On a multi-node cluster: MLflow must be a server, and every node must share storage_path."""
+    """MLflow takes our credentials; on a multi-node cluster it must be a server every node reaches with
+    them, and every node must share storage_path."""
+    problem = probe_tracking_server(tracking_uri, tracking_credentials())
+    if problem:
+        raise ClusterError(f"MLflow at {tracking_uri} {problem}")
     check_tracking_store(tracking_uri, nodes)
     probe_nodes(storage, tracking_uri, nodes)
 
@@ -279,8 +283,9 @@ def probe_nodes(storage: str, tracking_uri: str, nodes: list[Node]) -> None:
         with filesystem.open_output_stream(f"{folder}/driver") as out:
             out.write(token.encode())
         probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+        credentials = ray.put(tracking_credentials())  # not a runtime env: Ray's agent logs those in full
         pending = {node.node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node.node_id, soft=False)).remote(storage, folder, token, tracking_uri) for node in nodes}
+            node.node_id, soft=False)).remote(storage, folder, token, tracking_uri, credentials) for node in nodes}
         ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
         for node in nodes:
             ref = pending[node.node_id]
@@ -288,8 +293,10 @@ def probe_nodes(storage: str, tracking_uri: str, nodes: list[Node]) -> None:
             if not problem and filesystem.get_file_info(f"{folder}/{node.node_id}").type == pafs.FileType.NotFound:
                 problem = "the driver cannot see what it wrote there"
             if problem.startswith("mlflow:"):
-                raise ClusterError(f"params.yaml: mlflow.tracking_uri = {tracking_uri!r}: the node at {node} "
-                                   f"{problem.removeprefix('mlflow: ')}: use an address every node reaches")
+                problem = problem.removeprefix("mlflow: ")
+                hint = ": use an address every node reaches" if problem.startswith("cannot be reached") else ""
+                raise ClusterError(f"params.yaml: mlflow.tracking_uri = {tracking_uri!r}: the MLflow server, from the "
+                                   f"node at {node}, {problem}{hint}")
             if problem:
                 raise ClusterError(
                     f"params.yaml: ray.storage_path = {storage!r} is not shared: the node at {node}: {problem}; "
@@ -298,7 +305,7 @@ def probe_nodes(storage: str, tracking_uri: str, nodes: list[Node]) -> None:
         filesystem.delete_dir(folder)
 
 
-def _probe_node(storage: str, folder: str, token: str, tracking_uri: str) -> str:
+def _probe_node(storage: str, folder: str, token: str, tracking_uri: str, credentials: dict[str, str]) -> str:
     """Runs on one node: '' when it sees the driver's marker, wrote its own and reached MLflow."""
     import ray
     from pyarrow import fs as pafs
@@ -313,12 +320,8 @@ def _probe_node(storage: str, folder: str, token: str, tracking_uri: str) -> str
             out.write(b"ok")
     except OSError as err:
         return f"it cannot see the driver's marker ({_first_line(err)})"
-    if tracking_uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10).close()
-        except OSError as err:
-            return f"mlflow: cannot reach the MLflow server ({_first_line(err)})"
-    return ""
+    problem = probe_tracking_server(tracking_uri, credentials)
+    return f"mlflow: {problem}" if problem else ""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -330,12 +333,24 @@ def put_inputs(dataset: str, root: Path, arrays: dict[str, np.ndarray]) -> dict:
     ``x_train``: the processed training images; a node pulls them once and its
     workers share that copy, each keeping only its shard on its device.
     ``reference``: (evaluator network, real reference features) for rank 0's
-    quality evaluation, computed once on the driver's CPU.
+    quality evaluation, computed once on the driver's CPU. ``credentials``: see ``use_credentials``.
     """
     import ray
 
     return {"x_train": ray.put(arrays["x_train"]),
-            "reference": ray.put(load_reference(dataset, root, torch.device("cpu"), arrays))}
+            "reference": ray.put(load_reference(dataset, root, torch.device("cpu"), arrays)),
+            "credentials": ray.put(tracking_credentials())}
+
+
+def use_credentials(inputs: dict) -> None:
+    """The driver's MLflow credentials (``tracking.CREDENTIAL_VARS``) in this worker's environment.
+
+    They travel through the object store, not a runtime env: Ray's runtime-env agent
+    writes a job's runtime env, variables and all, to its log.
+    """
+    import ray
+
+    os.environ.update(ray.get(inputs["credentials"]))
 
 
 def worker_shard(inputs: dict, rank: int, world: int) -> torch.Tensor:

@@ -113,6 +113,8 @@ class MlflowConfig(Section):
     tracking_uri: Optional[str] = None
     experiment_prefix: str = "ganpipe"
     register_model: bool = True
+    # At a stage's end, how long to keep retrying what an outage left in the spool before exiting anyway.
+    flush_timeout_s: float = Field(60, ge=0)
 
 
 # Quality metrics a sweep can optimize, and whether lower or higher is better.

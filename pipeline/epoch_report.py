@@ -62,11 +62,12 @@ class RankZeroLogger:
     """Everything only rank 0 does: quality evaluation, MLflow logging, output files."""
 
     def __init__(self, loop_config: dict, cfg: Config, dataset: str, device: torch.device):
-        from mlflow.tracking import MlflowClient
+        from pipeline.spool import SpooledClient
 
         self.cfg, self.dataset, self.device = cfg, dataset, device
         self.toy = DATASETS[dataset].kind == "toy"
-        self.client = MlflowClient(loop_config["tracking_uri"])
+        # An outage of the tracking server spools this run's metrics and grids; training goes on.
+        self.client = SpooledClient(loop_config["tracking_uri"], loop_config["spool_root"])
         self.run_id = loop_config["mlflow_run_id"]
         self.evaluator, self.reference = cluster.worker_reference(loop_config["inputs"], dataset, device)
         self.eval_samples = cfg.train.eval_samples

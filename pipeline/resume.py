@@ -21,8 +21,11 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
+import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -110,7 +113,8 @@ class Heartbeat:
     """Refreshes the run's heartbeat tag while the driver lives (a daemon thread), for hosts that cannot see its pid."""
 
     def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+        # Straight to the server, past any spool: a heartbeat an outage missed is worth nothing later.
+        self.client, self.run_id = getattr(client, "client", client), run_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="ganpipe-heartbeat")
 
@@ -138,3 +142,43 @@ def clear_storage(storage: str, name: str) -> None:
     folder = f"{root.rstrip('/')}/{name}"
     if filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
         filesystem.delete_dir(folder)
+
+
+
+@contextmanager
+def readable_checkpoint(checkpoint, rank: int):
+    """(this rank's state, the local folder) of the newest checkpoint that loads, for the ``with`` block.
+
+    A checkpoint cut short (a worker killed while writing it, a full disk) fails to
+    load; then the one before it in the same run folder is used, with one warning
+    naming both. Every rank reads every rank's file, so all ranks pick the same one.
+    """
+    first_error = ""
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        with candidate.as_directory() as folder:
+            folder = Path(folder)
+            try:
+                states = {path.name: torch.load(path, weights_only=True, map_location="cpu")
+                          for path in sorted(folder.glob("rank*.pt"))}
+                state = states[f"rank{rank}.pt"]
+            except Exception as err:  # a cut file: RuntimeError, EOFError, UnpicklingError, KeyError...
+                first_error = first_error or f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+                continue
+            if candidate is not checkpoint and rank == 0:
+                print(f"warning: the newest checkpoint {checkpoint.path} is unreadable ({first_error}); "
+                      f"resuming from the one before it, {candidate.path}", flush=True)
+            yield state, folder
+            return
+    raise RuntimeError(f"no checkpoint in {Path(checkpoint.path).parent} is readable; "
+                       f"the newest, {checkpoint.path}: {first_error}")
+
+
+def _older_checkpoints(checkpoint) -> list:
+    """The checkpoints saved before ``checkpoint`` in its run folder, newest first (Ray names them in order)."""
+    from pyarrow import fs
+
+    parent, _, name = checkpoint.path.rstrip("/").rpartition("/")
+    entries = checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
+    older = sorted((entry.path for entry in entries if entry.type == fs.FileType.Directory
+                    and entry.base_name.startswith("checkpoint_") and entry.base_name < name), reverse=True)
+    return [type(checkpoint)(path, filesystem=checkpoint.filesystem) for path in older]

@@ -22,11 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline import cluster, resume, tracking
+from pipeline import cluster, resume, spool, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, validate
 from pipeline.preprocess import load_processed
 from pipeline.progress import on_terminal, sweep_callback, trial_count
@@ -84,13 +83,13 @@ def run_trial(sampled: dict, setup: dict) -> None:
 
     Everything it needs comes in ``setup`` (through Ray): nothing is read from the head's disk.
     """
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     raw_params = setup["params"]
     cfg = trial_config(raw_params, validate(raw_params).sweep, sampled)
-    client = MlflowClient(setup["tracking_uri"])
+    cluster.use_credentials(setup["inputs"])
+    client = spool.SpooledClient(setup["tracking_uri"], spool.spool_root(setup["storage"]))
     run_id = _child_run(client, cfg, setup, trial_id)
     # Every (re)start records the values this trial trains with: PBT changes them as it explores.
     tracking.log_metrics(client, run_id, {f"hparam/{key}": float(value) for key, value in sampled.items()
@@ -98,7 +97,8 @@ def run_trial(sampled: dict, setup: dict) -> None:
     dataset, use_gpu = cfg.sweep.dataset, setup["use_gpu"]
     if in_process(cfg.sweep):
         loop_config = make_loop_config(cfg, dataset, inputs=setup["inputs"], mlflow_run_id=run_id,
-                                       tracking_uri=setup["tracking_uri"], use_gpu=use_gpu,
+                                       tracking_uri=setup["tracking_uri"],
+                                       spool_root=str(spool.spool_root(setup["storage"])), use_gpu=use_gpu,
                                        diverged_metrics=setup["diverged_metrics"], estimate=setup["estimate"])
         train_loop(loop_config, TuneSession(use_gpu))
         return
@@ -111,9 +111,14 @@ def run_trial(sampled: dict, setup: dict) -> None:
 
 def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
     """This trial's MLflow run under the sweep's parent; a restarted trial reuses its own."""
-    existing = client.search_runs(
-        [setup["experiment_id"]],
-        filter_string=f"tags.mlflow.parentRunId = '{setup['parent_run_id']}' and tags.`ray.trial_id` = '{trial_id}'")
+    try:
+        existing = client.search_runs(
+            [setup["experiment_id"]],
+            filter_string=f"tags.mlflow.parentRunId = '{setup['parent_run_id']}' and tags.`ray.trial_id` = '{trial_id}'")
+    except Exception as err:
+        if not spool.is_transport_failure(err):
+            raise
+        existing = []  # the server is away: a new run, created when it is back
     if existing:
         if existing[0].info.status != "RUNNING":  # ended as interrupted with its sweep's driver
             client.update_run(existing[0].info.run_id, status="RUNNING")
@@ -122,7 +127,7 @@ def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
         cfg, cfg.sweep.dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
         params_hash=setup["params_hash"], parent_run_id=setup["parent_run_id"],
         name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id, **setup["lineage"]},
-        uri=setup["tracking_uri"], git=setup["git"])
+        uri=setup["tracking_uri"], git=setup["git"], client=client, experiment_id=setup["experiment_id"])
     return run_id
 
 
@@ -250,7 +255,7 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
     identity = resume.run_identity(cfg, stage="sweep", dataset=sweep.dataset, use_gpu=use_gpu,
                                    git_commit=git["git.commit"])
     name = f"sweep-{sweep.dataset}-{identity}"
-    client = MlflowClient(uri)
+    client = spool.SpooledClient(uri, spool.spool_root(storage))  # an outage from here on spools, never fails
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, sweep.dataset), root)
     interrupted = resume.take_over(client, experiment_id, stage="sweep", identity=identity, fresh=fresh)
     if interrupted:
@@ -262,7 +267,8 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         _clear_study(root, name)
         client, parent_id = tracking.start_run(
             cfg, sweep.dataset, root, stage="sweep", ray_run_name=name, params_hash=params_hash(root / "params.yaml"),
-            name=name, uri=uri, git=git, extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()})
+            name=name, uri=uri, git=git, extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()},
+            client=client)
         client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")
         print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
     study_storage = _study_storage(cfg, root, name)
@@ -300,6 +306,8 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
             )
         with resume.Heartbeat(client, parent_id):
             results = tuner.fit()
+        # What the trials spooled through an outage must be in MLflow before their epochs are counted.
+        spool.deliver_all(uri, spool.spool_root(storage), cfg.mlflow.flush_timeout_s)
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
             [setup["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
         # Distinct epochs: a PBT trial that exploits another's checkpoint logs some epochs again.
@@ -316,9 +324,12 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         summary = _write_outputs(cfg, table, root)
         _log_parent(client, parent_id, root, summary)
     except BaseException as err:
-        tracking.end_run(client, parent_id, "failed", f"{type(err).__name__}: {err}")
+        if not isinstance(err, spool.TrackerError):  # the server refuses this run: nothing more to tell it
+            tracking.end_run(client, parent_id, "failed", f"{type(err).__name__}: {err}")
+        spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, "sweep")
         raise
     tracking.end_run(client, parent_id, "completed")
+    spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, "sweep")
     return table
 
 

@@ -7,17 +7,20 @@ MLFLOW_TRACKING_URI environment variable point at a server instead.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, flatten
@@ -40,6 +43,44 @@ def tracking_uri(cfg: Config, root: Path) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     (root / "mlruns").mkdir(exist_ok=True)
     return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+# MLflow's credentials: they reach the workers through Ray's runtime env, never params.yaml or a log line.
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def tracking_credentials() -> dict[str, str]:
+    """The MLflow credentials set in this environment."""
+    return {key: os.environ[key] for key in CREDENTIAL_VARS if os.environ.get(key)}
+
+
+def probe_tracking_server(uri: str, credentials: dict[str, str]) -> str:
+    """'' when the MLflow server at ``uri`` lets these credentials read experiments; else what is wrong,
+    naming the environment variable to fix (never its value)."""
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password, token = (credentials.get(key) for key in CREDENTIAL_VARS)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        urllib.request.urlopen(request, timeout=30).close()
+        return ""
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            if token:
+                return "refused MLFLOW_TRACKING_TOKEN: set a valid token"
+            if not user or not password:
+                missing = " and ".join(key for key, value in zip(CREDENTIAL_VARS[:2], (user, password)) if not value)
+                return f"asks for credentials and {missing} is not set in the environment"
+            return "refused MLFLOW_TRACKING_PASSWORD for MLFLOW_TRACKING_USERNAME: set the user's password"
+        if err.code == 403:
+            return "lets MLFLOW_TRACKING_USERNAME in but not read experiments: grant the user READ or more"
+        return f"answered HTTP {err.code} {err.reason}"
+    except OSError as err:
+        return f"cannot be reached ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
 
 
 def experiment_name(cfg: Config, dataset: str) -> str:
@@ -83,21 +124,25 @@ def lineage_tags() -> dict[str, str]:
 def start_run(cfg: Config, dataset: str, root: Path, *, stage: str, ray_run_name: str,
               params_hash: str, parent_run_id: str | None = None, name: str | None = None,
               extra_tags: dict[str, str] | None = None, uri: str | None = None,
-              git: dict[str, str] | None = None) -> tuple[MlflowClient, str]:
+              git: dict[str, str] | None = None, client=None,
+              experiment_id: str | None = None) -> tuple[MlflowClient, str]:
     """Create the run (status RUNNING) with its tags and every param; returns (client, run_id).
 
     A sweep trial may run on another node: it passes the driver's ``uri`` and ``git``
     state rather than looking at a disk and environment that are not the head's.
+    ``client``: the stage's ``spool.SpooledClient``, through which the params go too; a
+    child run (``parent_run_id``, in the parent's ``experiment_id``) needs one.
     """
-    client = MlflowClient(uri or tracking_uri(cfg, root))
-    experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
+    client = client or MlflowClient(uri or tracking_uri(cfg, root))
     tags = {**(git or git_state(root)), **lineage_tags(), "dvc.stage": stage, "ray.run_name": ray_run_name,
             "params.hash": params_hash, "dataset": dataset, **(extra_tags or {})}
-    if parent_run_id:
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+    if parent_run_id:  # a sweep's trial: its run is created (spooled) even while the server is away
         tags["mlflow.parentRunId"] = parent_run_id
+        return client, client.create_run_spooled(experiment_id, name or run_name(cfg), tags, params)
+    experiment_id = ensure_experiment(client, experiment_name(cfg, dataset), root)
     run = client.create_run(experiment_id, run_name=name or run_name(cfg), tags=tags)
-    client.log_batch(run.info.run_id,
-                     params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()])
+    client.log_batch(run.info.run_id, params=params)
     return client, run.info.run_id
 
 
@@ -128,9 +173,8 @@ def log_metric_rows(client: MlflowClient, run_id: str, rows: list[tuple[dict[str
 
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
     """Record the outcome: FINISHED for completed / stopped_early, FAILED otherwise (with the reason)."""
-    client.set_tag(run_id, TAG_STATUS, status)
-    if reason:
-        client.set_tag(run_id, TAG_FAILURE, reason[:5000])
+    tags = [RunTag(TAG_STATUS, status)] + ([RunTag(TAG_FAILURE, reason[:5000])] if reason else [])
+    client.log_batch(run_id, tags=tags)
     ok = status in ("completed", "stopped_early")
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 

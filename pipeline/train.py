@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from mlflow.tracking import MlflowClient
 
 from gan.data import DATASETS, DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.models import build_models
-from pipeline import cluster, estimate, resume, tracking
+from pipeline import cluster, estimate, resume, spool, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
 from pipeline.progress import EpochBar, checkpoint_callback, on_terminal
@@ -125,9 +124,7 @@ def train_loop(loop_config: dict, session=None) -> None:
     start_epoch, history = 1, History()
     checkpoint = session.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            folder = Path(folder)
-            state = torch.load(folder / f"rank{rank}.pt", weights_only=True, map_location="cpu")
+        with resume.readable_checkpoint(checkpoint, rank) as (state, folder):  # the one before, if cut short
             trainer.load_state_dict(state["trainer"])
             batches.load_state_dict(state["batches"])
             start_epoch = state["epoch"] + 1
@@ -135,6 +132,8 @@ def train_loop(loop_config: dict, session=None) -> None:
                 history = History.load(folder)
                 print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
+    if rank == 0:
+        cluster.use_credentials(loop_config["inputs"])
     logger = RankZeroLogger(loop_config, cfg, dataset, device) if rank == 0 else None
     if logger and start_epoch > 1:
         logger.client.set_tag(logger.run_id, resume.TAG_RESUMED, str(start_epoch - 1))
@@ -198,12 +197,13 @@ def train_loop(loop_config: dict, session=None) -> None:
 
 
 def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
-                     use_gpu: bool, diverged_metrics: dict | None = None, progress: bool = False,
-                     estimate: dict | None = None) -> dict:
+                     spool_root: str, use_gpu: bool, diverged_metrics: dict | None = None,
+                     progress: bool = False, estimate: dict | None = None) -> dict:
     """What every worker needs: plain values and object-store references (``cluster.put_inputs``)."""
     return {"params": cfg.model_dump(mode="json"), "dataset": dataset, "inputs": inputs,
-            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "use_gpu": use_gpu,
-            "diverged_metrics": diverged_metrics or {}, "progress": progress, "estimate": estimate}
+            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "spool_root": spool_root,
+            "use_gpu": use_gpu, "diverged_metrics": diverged_metrics or {}, "progress": progress,
+            "estimate": estimate}
 
 
 def storage_path(cfg: Config, root: Path) -> str:
@@ -228,8 +228,8 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=make_loop_config(cfg, dataset, inputs=inputs, mlflow_run_id=mlflow_run_id,
-                                           tracking_uri=tracking_uri, use_gpu=use_gpu,
-                                           diverged_metrics=diverged_metrics, estimate=estimate,
+                                           tracking_uri=tracking_uri, spool_root=str(spool.spool_root(storage)),
+                                           use_gpu=use_gpu, diverged_metrics=diverged_metrics, estimate=estimate,
                                            progress=on_terminal()),  # False inside a sweep's trial
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=cluster.worker_resources(use_gpu)),
@@ -273,7 +273,7 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     git = tracking.git_state(root)
     identity = resume.run_identity(cfg, stage=stage, dataset=dataset, use_gpu=use_gpu, git_commit=git["git.commit"])
     ray_run_name = f"train-{dataset}-{identity}"
-    client = MlflowClient(uri)
+    client = spool.SpooledClient(uri, spool.spool_root(storage))  # an outage from here on spools, never fails
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, dataset), root)
     interrupted = resume.take_over(client, experiment_id, stage=stage, identity=identity, fresh=fresh)
     if interrupted:
@@ -284,7 +284,8 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
         resume.clear_storage(storage, ray_run_name)  # a finished run's checkpoints must not be resumed
         client, run_id = tracking.start_run(cfg, dataset, root, stage=stage, ray_run_name=ray_run_name,
                                             params_hash=params_hash(root / "params.yaml"), uri=uri, git=git,
-                                            extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()})
+                                            extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()},
+                                            client=client)
         print(f"{stage}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
     clock.lap("mlflow_run_s")
     try:
@@ -303,9 +304,12 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
         clock.lap("export_and_register_s")
         _write_timings(dataset, root, clock.laps, status.get("timings"), fit_called)
     except BaseException as err:
-        tracking.end_run(client, run_id, "failed", f"{type(err).__name__}: {err}")
+        if not isinstance(err, spool.TrackerError):  # the server refuses this run: nothing more to tell it
+            tracking.end_run(client, run_id, "failed", f"{type(err).__name__}: {err}")
+        spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, stage)
         raise
     tracking.end_run(client, run_id, status["status"], status.get("reason", ""))
+    spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, stage)
     if status["status"] == "diverged":
         raise TrainingDiverged(f"run {run_id} diverged: {status['reason']}")
     return summary
@@ -365,7 +369,6 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
 
 def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: Path) -> None:
     """The checkpoint, the real-data reference picture and the generator as a registered model."""
-    import mlflow
     from mlflow.models import infer_signature
 
     paths = output_paths(dataset, root)
@@ -379,12 +382,8 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     noise = torch.randn(4, cfg.model.latent_dim)
     with torch.no_grad():
         signature = infer_signature(noise.numpy(), generator(noise).numpy())
-    mlflow.set_tracking_uri(client.tracking_uri)
     # Listed, not inferred: MLflow infers requirements by loading the model in a subprocess (~8 s a run).
     requirements = [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy")]
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(
-            generator, name="generator", input_example=noise.numpy(), signature=signature,
-            pip_requirements=requirements,
-            registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None,
-        )
+    client.log_model(run_id, generator, name="generator", input_example=noise.numpy(), signature=signature,
+                     pip_requirements=requirements,
+                     registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None)

@@ -4,7 +4,10 @@ The head (`ray start --head --num-cpus=1`, its own temp dir) runs where DVC runs
 The second node (1 CPU, at 127.0.0.2) lives in its own mount namespace (`unshare -m`)
 where the project's data/, models/ and mlruns/ are empty tmpfs mounts: a worker there
 that read the head's files would fail. A 2-worker run puts one worker on each node.
-Both nodes share a storage_path directory, and token authentication is on.
+Both nodes share a storage_path directory, and token authentication is on. MLflow runs its
+basic-auth app: the driver has the credentials in its environment, the nodes do not (the
+pipeline hands them to its workers through the object store), and no store or log holds
+the password.
 
 Every process started here is ended by its pid, in a `finally`.
 """
@@ -119,6 +122,20 @@ def cluster_params(mirror_url: str, address: str, tracking_uri: str, storage: Pa
     return params
 
 
+PASSWORD = f"pw-{secrets.token_hex(12)}"  # what must appear in no store and no log
+CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+
+
+def auth_server_env(folder: Path) -> dict[str, str]:
+    """MLflow's basic-auth app (docs/cluster-auth.md): its user store, the first admin's password, a CSRF key."""
+    config = folder / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                      f"database_uri = sqlite:///{folder / 'basic_auth.db'}\nadmin_username = admin\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+
+
 def mlflow_healthy(url: str) -> bool:
     try:
         urllib.request.urlopen(f"{url}/health", timeout=2).close()
@@ -152,7 +169,13 @@ def cluster(tmp_path_factory):
     # One token for the whole cluster, as on a real one (README: token authentication).
     env = {**tool_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    (base / "server").mkdir()
+    server_env = {**env, **auth_server_env(base / "server")}
     with ExitStack() as stack:
+        # Only the driver's side holds the credentials: the commands the tests run and this test process.
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        for key, value in CREDENTIALS.items():
+            patch.setenv(key, value)
         mirror = stack.enter_context(serve_mirror())
         repo = make_dvc_repo(base / "repo", cluster_params(mirror.url, address, tracking_uri, shared))
         for folder in HEAD_ONLY:
@@ -162,10 +185,10 @@ def cluster(tmp_path_factory):
         # as they would through the address file `ray start` leaves in the default temp dir.
         node_env = {**env, "RAY_ADDRESS": address}
 
-        def start(name: str, args: list[str]) -> subprocess.Popen:
+        def start(name: str, args: list[str], process_env: dict | None = None) -> subprocess.Popen:
             log = (base / f"{name}.log").open("w")
-            process = subprocess.Popen(args, cwd=base, env=node_env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(args, cwd=base, env=process_env or node_env, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
             stack.callback(end_process_tree, process)
             stack.callback(log.close)
             return process
@@ -173,8 +196,8 @@ def cluster(tmp_path_factory):
         server = start("mlflow", [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1",
                                   "--port", str(mlflow_port), "--workers", "1",
                                   "--backend-store-uri", f"sqlite:///{base / 'server' / 'mlflow.db'}",
-                                  "--artifacts-destination", str(base / "server" / "artifacts")])
-        (base / "server").mkdir()
+                                  "--artifacts-destination", str(base / "server" / "artifacts"),
+                                  "--app-name", "basic-auth"], server_env)
         # Ray's temp dirs hold AF_UNIX sockets (at most 107 bytes of path): keep them short, not in
         # pytest's ever-longer numbered folders.
         ray_temp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ganpipe-ray-", ignore_cleanup_errors=True)))
@@ -192,7 +215,7 @@ def cluster(tmp_path_factory):
                                 f"--metrics-export-port={free_port()}"])
         subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, "2"], env=env, check=True, timeout=150)
         wait_until(lambda: mlflow_healthy(tracking_uri), 60, "the MLflow server", server)
-        yield Cluster(base, repo, env, address, tracking_uri, shared, node2)
+        yield Cluster(base, repo, {**env, **CREDENTIALS}, address, tracking_uri, shared, node2)
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +347,41 @@ def test_bad_cluster_setting_stops_before_training(evaluated, case):
         assert message.format(repo=cluster.repo) in error[0]
     assert "Traceback" not in result.stderr and "epoch 1/" not in result.stdout
     assert len(runs_on_server(cluster)) == runs_before  # no MLflow run created, so none left RUNNING
+
+
+BAD_CREDENTIALS = {
+    "wrong_password": ({"MLFLOW_TRACKING_PASSWORD": "not-the-password"},
+                       "refused MLFLOW_TRACKING_PASSWORD for MLFLOW_TRACKING_USERNAME"),
+    "no_password": ({"MLFLOW_TRACKING_PASSWORD": None},
+                    "asks for credentials and MLFLOW_TRACKING_PASSWORD is not set in the environment"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CREDENTIALS)
+def test_missing_or_wrong_mlflow_password_stops_before_any_run(evaluated, case):
+    cluster = evaluated
+    changes, message = BAD_CREDENTIALS[case]
+    env = {key: value for key, value in {**cluster.env, **changes}.items() if value is not None}
+    runs_before = len(runs_on_server(cluster))
+    process = subprocess.run(["ganpipe", "train", "--dataset", "mnist"], cwd=cluster.repo, env=env, text=True,
+                             capture_output=True, timeout=300)
+    assert process.returncode == 1, process.stdout[-3000:] + process.stderr[-3000:]
+    (error,) = [line for line in process.stderr.splitlines() if line.startswith("ganpipe train: error:")]
+    assert f"MLflow at {cluster.tracking_uri} {message}" in error and "Traceback" not in process.stderr
+    assert len(runs_on_server(cluster)) == runs_before
+
+
+def test_the_password_is_in_no_store_and_no_log(evaluated):
+    """After the runs above: the server's store, the project (params, outputs, Ray runs, spools) and every log."""
+    cluster = evaluated
+    assert runs_on_server(cluster), "runs were logged with the password"
+    leaks = []
+    ray_temp = Path(tempfile.gettempdir()).glob("ganpipe-ray-*")  # Ray's sessions: logs, runtime envs
+    for folder in (cluster.base, cluster.repo, cluster.shared, *ray_temp):
+        for path in folder.rglob("*"):
+            try:
+                if path.is_file() and not path.is_symlink() and PASSWORD.encode() in path.read_bytes():
+                    leaks.append(str(path))
+            except OSError:  # a socket, a file that went away
+                pass
+    assert not leaks, leaks

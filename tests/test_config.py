@@ -37,6 +37,7 @@ def test_project_params_are_valid():
     ("model.name", "resnet",
      "model.name = 'resnet' is invalid: Input should be 'mlp', 'dcgan', 'dcgan_upsample' or 'toy1d'"),
     ("train.lr_g", -1e-3, "train.lr_g = -0.001 is invalid: Input should be greater than 0"),
+    ("mlflow.flush_timeout_s", -1, "mlflow.flush_timeout_s = -1 is invalid: Input should be greater than or equal to 0"),
     ("train.d_steps", 0, "train.d_steps = 0 is invalid: Input should be greater than 0"),
     ("train.loss", "wgan-gp", "train.loss = 'wgan-gp' is invalid: Input should be 'minimax', 'ns'"),
     ("train.betas_d", [0.5, 1.5], "train.betas_d = [0.5, 1.5] is invalid: both betas must be in [0, 1)"),
