@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 from gan.data import DATASETS, DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.models import build_models
+from gan.parallel import GradientAllReduce
 from pipeline import cluster, resume, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
@@ -86,13 +87,10 @@ class RayTrainSession:
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
+        # No DDP wrapper: the engine all-reduces gradients itself (gan.parallel), also inside its CUDA graph.
         if self.world > 1 and self.device.type == "cuda":
             module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        # broadcast_buffers=False: D runs one forward on cat([real, fake]) per update and
-        # buffer broadcasts between forwards break BatchNorm under DDP (pytorch #175024).
-        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+        return module.to(self.device)
 
     def get_checkpoint(self):
         import ray.train
@@ -116,11 +114,26 @@ def train_loop(loop_config: dict, session=None) -> None:
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
+    gradient_sync = None
+    if world > 1:
+        gradient_sync = GradientAllReduce()
+        gradient_sync.broadcast_state(generator, discriminator)  # rank 0's weights everywhere, as DDP did
     batches = DeviceBatches(cluster.worker_shard(loop_config["inputs"], rank, world).to(device),
-                            cfg.train.batch_size // world,
+                            cfg.train.worker_batch(world),
                             seed=cfg.train.seed + rank)
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()), device=device,
-                         seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers)
+                         seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers,
+                         gradient_sync=gradient_sync)
+    try:
+        _train_epochs(loop_config, session, cfg, dataset, trainer, batches, entered)
+    finally:
+        if trainer.graph is not None:
+            trainer.graph.reset()  # before Ray destroys the process group (NCCL 2.26+ hangs otherwise)
+
+
+def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer: GANTrainer,
+                  batches: DeviceBatches, entered: float) -> None:
+    rank, world, device = session.rank, session.world, session.device
 
     start_epoch, history = 1, History()
     checkpoint = session.get_checkpoint()
@@ -228,6 +241,9 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
                                                resources_per_worker=cluster.worker_resources(use_gpu)),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage, callbacks=callbacks,
+            # Ray Train turns NCCL's async error handling on unless it is set; its watchdog must not
+            # query the events of collectives that a CUDA graph captured (PyTorch's CUDA graphs notes).
+            worker_runtime_env={"env_vars": {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}} if use_gpu else None,
             # A finite controller budget: a worker group that can never be placed ends the run
             # instead of retrying forever; an autoscaling cluster may take its time.
             failure_config=ray.train.FailureConfig(
@@ -253,7 +269,8 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     clock = Stopwatch()
     # Every check before the MLflow run exists: a bad setting leaves nothing RUNNING.
     arrays = load_processed(dataset, root)
-    cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, len(arrays["x_train"]))
+    cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, len(arrays["x_train"]),
+                        per_worker=cfg.train.batch_scaling == "per_worker")
     uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
     nodes = cluster.start(cfg)
     use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
