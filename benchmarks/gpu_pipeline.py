@@ -396,7 +396,8 @@ def main() -> None:
 
     sweep_images = min(train_images, args.sweep_train_images)
     sweep_repo = scratch_project(out / "sweep-project", args.data, sweep_images, adjust)
-    guarded(report, "sweep_stages", lambda: {"train_images": sweep_images, **stages(sweep_repo, logs, env)})
+    (logs / "sweep").mkdir()
+    guarded(report, "sweep_stages", lambda: {"train_images": sweep_images, **stages(sweep_repo, logs / "sweep", env)})
     rows = []
     for per_gpu in args.trials_per_gpu:
         rows.append(guarded(report, f"sweep_{per_gpu}", lambda: sweep(sweep_repo, logs, per_gpu, env)))

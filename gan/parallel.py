@@ -56,6 +56,13 @@ class GradientAllReduce:
             else:
                 grad.copy_(chunk.view_as(grad))
 
+    @classmethod
+    def broadcasting(cls, *modules: nn.Module, group: dist.ProcessGroup | None = None) -> "GradientAllReduce":
+        """The all-reduce of ``group``, after giving every rank rank 0's ``modules`` (``broadcast_state``)."""
+        sync = cls(group)
+        sync.broadcast_state(*modules)
+        return sync
+
     def broadcast_state(self, *modules: nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank, as DDP does when it wraps a module.
 

@@ -114,10 +114,8 @@ def train_loop(loop_config: dict, session=None) -> None:
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
-    gradient_sync = None
-    if world > 1:
-        gradient_sync = GradientAllReduce()
-        gradient_sync.broadcast_state(generator, discriminator)  # rank 0's weights everywhere, as DDP did
+    # Several workers average their gradients in the engine; rank 0's initial weights go everywhere, as DDP did.
+    gradient_sync = GradientAllReduce.broadcasting(generator, discriminator) if world > 1 else None
     batches = DeviceBatches(cluster.worker_shard(loop_config["inputs"], rank, world).to(device),
                             cfg.train.worker_batch(world),
                             seed=cfg.train.seed + rank)
@@ -196,13 +194,21 @@ def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer
                 if logger:
                     history.save(folder)
                     logger.write_outputs(trainer, folder, {**metrics, "reason": reason, "timings": timings,
-                                                           "wall_seconds": time.perf_counter() - started})
+                                                           "wall_seconds": time.perf_counter() - started,
+                                                           **_device_report(trainer)})
                 session.report(metrics, folder)
         else:
             session.report(metrics)
         timings["checkpoints_s"] += time.perf_counter() - reported
         if last:
             break
+
+
+def _device_report(trainer: GANTrainer) -> dict:
+    """Whether iterations ran as a CUDA graph (and why not, after a fallback), and rank 0's peak GPU memory."""
+    cuda = trainer.device.type == "cuda"
+    return {"cuda_graph": trainer.use_graph, "graph_fallback_reason": trainer.graph_fallback_reason,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 3) if cuda else None}
 
 
 def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
@@ -241,8 +247,7 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
                                                resources_per_worker=cluster.worker_resources(use_gpu)),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage, callbacks=callbacks,
-            # Ray Train turns NCCL's async error handling on unless it is set; its watchdog must not
-            # query the events of collectives that a CUDA graph captured (PyTorch's CUDA graphs notes).
+            # Ray Train turns NCCL async error handling on unless set: off for captured collectives (CUDA graphs notes).
             worker_runtime_env={"env_vars": {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}} if use_gpu else None,
             # A finite controller budget: a worker group that can never be placed ends the run
             # instead of retrying forever; an autoscaling cluster may take its time.
@@ -362,7 +367,7 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
             shutil.copy(folder / f"{name}{paths[name].suffix}", paths[name])
     keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall",
             "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
-            "epoch", "step", "status")
+            "epoch", "step", "status", "cuda_graph", "graph_fallback_reason", "peak_memory_gib")
     summary = {k: status[k] for k in keys if k in status}
     summary["mlflow_run_id"] = run_id
     paths["report"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
@@ -383,7 +388,8 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     if real_png.exists():
         client.log_artifact(run_id, str(real_png), artifact_path="reference")
     generator, _ = build_generator_and_discriminator(cfg.model, dataset)
-    generator.load_state_dict(torch.load(paths["generator"], weights_only=True)["state_dict"])
+    # map_location: rank 0 saved CUDA tensors when it trained on a GPU; the model is exported from the CPU.
+    generator.load_state_dict(torch.load(paths["generator"], weights_only=True, map_location="cpu")["state_dict"])
     generator.eval()
     noise = torch.randn(4, cfg.model.latent_dim)
     with torch.no_grad():
