@@ -309,7 +309,7 @@ def sweep(repo: Path, logs: Path, per_gpu: int, env: dict) -> dict:
     trial_peaks = sorted(memory.process_peak_mib.values())
     return {"trials_per_gpu": per_gpu, "wall_s": round(wall, 2), "trials": len(table), "trials_finished": finished,
             "trials_per_hour": round(finished / wall * 3600, 1), "statuses": table["status"].value_counts().to_dict(),
-            "errors": [e for e in table.get("error", pd.Series(dtype=str)).fillna("") if e],
+            "errors": [error for error in table.get("error", []) if isinstance(error, str) and error],
             "peak_memory_per_trial_mib": trial_peaks[-1] if trial_peaks else None,
             "trial_processes_seen": len(trial_peaks), "device_peak_mib": memory.device_peak_mib}
 
@@ -373,6 +373,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here (--device cpu --smoke tests the script)")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as a Ray worker of one CPU: the engine alone at equal threads
     out = args.out.resolve()
     if out.exists():
         raise SystemExit(f"--out {out} exists: name a new folder")
@@ -395,9 +397,12 @@ def main() -> None:
         guarded(report, "export", lambda: export(repo, logs, trained["mlflow_run_id"], env))
 
     sweep_images = min(train_images, args.sweep_train_images)
-    sweep_repo = scratch_project(out / "sweep-project", args.data, sweep_images, adjust)
-    (logs / "sweep").mkdir()
-    guarded(report, "sweep_stages", lambda: {"train_images": sweep_images, **stages(sweep_repo, logs / "sweep", env)})
+    sweep_repo = repo  # the same data: the train project's stages serve
+    if sweep_images < train_images:
+        sweep_repo = scratch_project(out / "sweep-project", args.data, sweep_images, adjust)
+        (logs / "sweep").mkdir()
+        guarded(report, "sweep_stages", lambda: {"train_images": sweep_images,
+                                                 **stages(sweep_repo, logs / "sweep", env)})
     rows = []
     for per_gpu in args.trials_per_gpu:
         rows.append(guarded(report, f"sweep_{per_gpu}", lambda: sweep(sweep_repo, logs, per_gpu, env)))
@@ -445,7 +450,7 @@ def print_table(data: dict) -> None:
     print(f"| engine alone | {engine.get('cuda_graph')} | {engine.get('graph_fallback_reason')} |")
     for run in dp.get("runs", []):
         if run["run"].startswith("graph"):
-            print(f"| data-parallel graph (1 rank, NCCL) | {run['graph_ran']} | {run['graph_fallback_reason']} |")
+            print(f"| data-parallel graph (1 rank) | {run['graph_ran']} | {run['graph_fallback_reason']} |")
     if "runs" in dp:
         print(f"data-parallel graph vs eager, {dp['iterations']} iterations: |diff| at the first replay "
               f"{dp['abs_diff_iteration_4']}, max over 4-20 {dp['max_abs_diff_iterations_4_to_20']}, last-50 means "
