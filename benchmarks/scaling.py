@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (on a machine with two or more)")
     args = parser.parse_args()
 
     out = args.out.resolve()
@@ -44,7 +45,7 @@ def main() -> None:
     for name, workers, scaling in RUNS:
         params["train"].update(epochs=args.epochs, batch_size=args.batch, batch_scaling=scaling, eval_samples=2000,
                                g_ema=0.0, log_every=50)
-        params["ray"].update(num_workers=workers, use_gpu=False)
+        params["ray"].update(num_workers=workers, use_gpu=args.use_gpu)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         started = time.perf_counter()
         run(["ganpipe", "train", "--dataset", "mnist", "--fresh"], repo, quiet=True)
@@ -57,7 +58,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     (out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\n{args.train_images} real MNIST images, DCGAN-16, {args.epochs} epochs, batch {args.batch} per worker "
-          "(split: global), CPU workers of one thread each\n")
+          f"(split: global), {'GPU workers' if args.use_gpu else 'CPU workers of one thread each'}\n")
     print("| run | global batch | steps | img/s | train s | FID |\n| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['run']} | {row['global_batch']} | {row['steps']} | {row['img_per_s']:,} | {row['train_s']:.1f} "
