@@ -141,10 +141,13 @@ class GANTrainer(TrainerState):
     Ray caller passes an all_reduce mean); NaN checks and early stopping use the
     reduced values, so every rank stops, or raises, at the same iteration.
 
+    ``gradient_sync`` (``gan.parallel``) averages each update's gradients across
+    workers before the optimizer step: data parallelism that the CUDA graph captures.
+
     On CUDA with ``cuda_graph`` the whole iteration runs as one captured CUDA
     graph (``gan.graph.CapturedIteration``). It falls back to eager mode on CPU, for wgan_gp (a double backward),
     and for DDP-wrapped modules (DDP needs extra NCCL settings and many eager
-    warm-up iterations before its all-reduces can be captured). Each capture is
+    warm-up iterations before its all-reduces can be captured; ``gradient_sync`` does not). Each capture is
     checked against eager mode on its first replay; a capture that raises or
     disagrees makes the trainer warn once and go on eagerly
     (``graph_fallback_reason`` says why).
@@ -155,7 +158,8 @@ class GANTrainer(TrainerState):
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, config: EngineConfig, *,
                  device: torch.device | str, seed: int = 0,
-                 metric_reducer: Callable[[Tensor], Tensor] | None = None):
+                 metric_reducer: Callable[[Tensor], Tensor] | None = None,
+                 gradient_sync: Callable[[list[Tensor]], None] | None = None):
         self.config = config
         self.device = torch.device(device)
         self.generator, self.discriminator = generator, discriminator
@@ -163,6 +167,7 @@ class GANTrainer(TrainerState):
         self.latent_dim = self.g_module.latent_dim
         self.loss = LOSSES[config.loss]
         self.metric_reducer = metric_reducer or (lambda metrics: metrics)
+        self.gradient_sync = gradient_sync
 
         use_graph = (config.cuda_graph and self.device.type == "cuda" and config.loss != "wgan_gp"
                      and generator is self.g_module and discriminator is self.d_module)
@@ -263,6 +268,8 @@ class GANTrainer(TrainerState):
             loss = loss + self.config.gp_weight * penalty_at(points, logits[2 * n:])
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
+        if self.gradient_sync is not None:
+            self.gradient_sync(self._d_params)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._d_params if p.grad is not None])
         self.opt_d.step()
         if self.config.loss == "wgan":
@@ -287,6 +294,8 @@ class GANTrainer(TrainerState):
         loss = self.loss.g_loss(logits)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward(inputs=self._g_params)  # D's parameter gradients would be thrown away
+        if self.gradient_sync is not None:
+            self.gradient_sync(self._g_params)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._g_params if p.grad is not None])
         self.opt_g.step()
         if self.g_ema is not None:

@@ -45,8 +45,12 @@ class CapturedIteration:
         self.fallback_reason: str | None = None  # why the graph was given up, if it was
 
     def reset(self) -> None:
-        """Drop the captured graph: the next iteration captures again."""
-        self.replay = None
+        """Drop the captured graph: the next iteration captures again.
+
+        Also what a data-parallel worker calls before its process group goes: NCCL
+        2.26+ hangs in ``destroy_process_group`` while a graph holding its collectives lives.
+        """
+        self.replay = None  # the replay closure holds the only reference to the CUDAGraph
 
     def __call__(self, reals: list[Tensor]) -> Tensor:
         trainer = self.trainer
@@ -70,19 +74,28 @@ class CapturedIteration:
         graph replays it. Their losses must agree within fp32 (or bf16) tolerance. A
         capture or replay that raises, or a graph that computes something else, is
         warned about once; the state is rolled back and training goes on eagerly.
+        With data parallelism every rank takes the same decision (``_agree``): a graph
+        holds all-reduces, so one rank replaying while another runs eagerly would hang.
         """
         trainer = self.trainer
         snapshot = cloned(trainer.state_dict())
         expected = trainer._iteration(reals)[trainer.loss_indices]
         # A loaded optimizer adopts the tensors it is given and updates them in place: load a copy.
         trainer.load_state_dict(cloned(snapshot))
+        problem = None
         try:
             self.static_reals = torch.stack(reals)
             self.replay = self.capture(self.static_reals)
-            metrics = self.replay()
-            problem = self.mismatch(expected, metrics[trainer.loss_indices])
         except Exception as err:  # noqa: BLE001 - whatever breaks the graph, eager mode still trains
-            problem = f"capture or first replay raised {type(err).__name__}: {err}"
+            problem = f"capture raised {type(err).__name__}: {err}"
+        problem = self._agree(problem)  # replay is collective: only where every rank captured
+        if problem is None:
+            try:
+                metrics = self.replay()
+                problem = self.mismatch(expected, metrics[trainer.loss_indices])
+            except Exception as err:  # noqa: BLE001
+                problem = f"first replay raised {type(err).__name__}: {err}"
+            problem = self._agree(problem)
         if problem is None:
             self.lrs = lrs
             return metrics
@@ -93,6 +106,17 @@ class CapturedIteration:
         trainer.stop_graph()
         trainer.load_state_dict(snapshot)  # also makes the optimizers non-capturable
         return trainer._iteration(reals)
+
+    def _agree(self, problem: str | None) -> str | None:
+        """This rank's problem, or, when only other ranks had one, a reason naming them (one collective)."""
+        sync = self.trainer.gradient_sync
+        if sync is None:
+            return problem
+        failed = sync.ranks_with(problem is not None, self.trainer.device)
+        if problem is None and failed:
+            problem = (f"the CUDA graph failed on rank(s) {', '.join(map(str, failed))} (see the warning there); "
+                       "every rank trains eagerly, so that their all-reduces still pair up")
+        return problem
 
     def capture(self, static_reals: Tensor) -> Callable[[], Tensor]:
         """Capture ``_iteration(static_reals)`` as a CUDA graph; returns its replay (-> the metrics tensor)."""

@@ -206,6 +206,8 @@ def check_resources(cfg: Config, nodes: list[Node], *, workers: int, use_gpu: bo
         print(f"ray.autoscale: true: waiting for the cluster to provide {workers} x ({_amounts(worker)}) as needed")
         return trials
     fits = concurrent_capacity(nodes, workers, worker, trial, limit=trials)
+    if trial and 0 < trial.get("GPU", 0) < 1:
+        print(gpu_sharing(nodes, trial, fits, trials))
     if fits == 0:
         parts = [f"{workers} worker(s) of {_amounts(worker)}"] if workers else []
         parts += [f"the Tune trial's own {_amounts(trial)}"] if trial else []
@@ -215,6 +217,20 @@ def check_resources(cfg: Config, nodes: list[Node], *, workers: int, use_gpu: bo
             f"(nodes: {_describe(nodes)}): lower {key}{', set ray.use_gpu: false' if use_gpu else ''}, add nodes, "
             "or set ray.autoscale: true on an autoscaling cluster")
     return fits
+
+
+def gpu_sharing(nodes: list[Node], trial: dict[str, float], fits: int, limit: int) -> str:
+    """How many trials sharing GPUs run at once, and what bounds it: e.g. 2 GPUs x 4 trials per GPU = 8."""
+    gpus = sum(node.resources.get("GPU", 0) for node in nodes)
+    per_gpu = round(1 / trial["GPU"])
+    capacity = concurrent_capacity(nodes, 0, {}, trial, limit=math.ceil(gpus * per_gpu) + 1)
+    line = (f"sweep.trials_per_gpu = {per_gpu}: {gpus:g} GPU(s) x {per_gpu} = {gpus * per_gpu:g} trial slots; "
+            f"the cluster holds {capacity} trial(s) at once")
+    if capacity < gpus * per_gpu:
+        line += f" (each trial also takes {_amounts({k: v for k, v in trial.items() if k != 'GPU'})})"
+    if fits < capacity:
+        line += f"; sweep.max_concurrent_trials = {limit} runs {fits}"
+    return line
 
 
 def start(cfg: Config) -> list[Node]:
@@ -234,18 +250,19 @@ def check_shared(tracking_uri: str, storage: str, nodes: list[Node]) -> None:
 
 
 def check_batch(batch_size: int, workers: int, train_images: int, *, batch_key: str = "train.batch_size",
-                workers_key: str = "ray.num_workers") -> None:
-    """The global batch splits evenly over the workers, and a worker's batch fits in its shard."""
-    if batch_size < workers or batch_size % workers:
+                workers_key: str = "ray.num_workers", per_worker: bool = False) -> None:
+    """The global batch splits evenly over the workers (unless it is ``per_worker``), and a worker's batch fits
+    in its shard."""
+    if not per_worker and (batch_size < workers or batch_size % workers):
         nearest = sorted({workers * max(1, batch_size // workers), workers * math.ceil(batch_size / workers)})
         raise ClusterError(
             f"params.yaml: {batch_key} = {batch_size} cannot be split evenly over {workers_key} = {workers}: "
             f"each worker trains on {batch_key} / {workers_key} samples per step; use a multiple of {workers} "
             f"(e.g. {' or '.join(map(str, nearest))})")
-    per_worker, shard = batch_size // workers, train_images // workers
-    if per_worker > shard:
+    worker_batch, shard = batch_size if per_worker else batch_size // workers, train_images // workers
+    if worker_batch > shard:
         raise ClusterError(
-            f"params.yaml: {batch_key} = {batch_size} gives each of the {workers} workers {per_worker} samples per "
+            f"params.yaml: {batch_key} = {batch_size} gives each of the {workers} workers {worker_batch} samples per "
             f"step, more than its shard of {shard} training images ({train_images} / {workers}): lower "
             f"{batch_key} or {workers_key}")
 

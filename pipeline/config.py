@@ -60,6 +60,9 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
+    # split: batch_size is the global batch, divided among the Ray workers (the same steps per epoch at any
+    # worker count); per_worker: each worker trains at batch_size, so adding workers adds images per second.
+    batch_scaling: Literal["split", "per_worker"] = "split"
     loss: LossName = "ns"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     noise: Literal["gaussian", "uniform"] = "gaussian"
@@ -84,6 +87,10 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt = 1
     eval_samples: PositiveInt = 5000
     seed: int = 0
+
+    def worker_batch(self, workers: int) -> int:
+        """Each Ray worker's batch: batch_size split among ``workers``, or all of it (``per_worker``)."""
+        return self.batch_size if self.batch_scaling == "per_worker" else self.batch_size // workers
 
     @field_validator("betas_g", "betas_d")
     @classmethod
@@ -120,6 +127,8 @@ class MlflowConfig(Section):
 # Quality metrics a sweep can optimize, and whether lower or higher is better.
 METRIC_MODES = {"fid": "min", "kid": "min", "class_kl": "min", "inception_score": "max",
                 "class_coverage": "max", "precision": "max", "recall": "max"}
+# One-worker sweep trials per GPU when sweep.trials_per_gpu is null (docs/gpu.md says why 4).
+DEFAULT_TRIALS_PER_GPU = 4
 SweepableKey = Literal["lr_g", "lr_d", "d_steps", "g_steps", "loss", "label_smoothing", "batch_size"]
 DISTRIBUTIONS = ("choice", "loguniform", "uniform")
 
@@ -139,6 +148,9 @@ class SweepConfig(Section):
     reduction_factor: float = Field(2.0, gt=1)
     perturbation_interval: PositiveInt = 1
     num_workers: PositiveInt = 1
+    # One-worker trials sharing a GPU (each asks Ray for 1/N of one); null: DEFAULT_TRIALS_PER_GPU, and 1
+    # for data-parallel trials, which hold a whole GPU per worker.
+    trials_per_gpu: Optional[PositiveInt] = None
     max_concurrent_trials: PositiveInt = 2
     seed: int = 0
 
@@ -147,6 +159,21 @@ class SweepConfig(Section):
         if self.search == "optuna" and self.scheduler == "pbt":
             raise ValueError("search = 'optuna' needs scheduler asha or fifo (pbt explores by itself)")
         return self
+
+    @model_validator(mode="after")
+    def _shared_gpus_hold_one_worker(self) -> "SweepConfig":
+        if self.num_workers > 1 and (self.trials_per_gpu or 1) > 1:
+            raise ValueError(f"sweep.trials_per_gpu = {self.trials_per_gpu} cannot go with sweep.num_workers = "
+                             f"{self.num_workers}: a data-parallel trial holds a whole GPU per worker (NCCL cannot "
+                             "share one between ranks); set sweep.trials_per_gpu: 1 or sweep.num_workers: 1")
+        return self
+
+    @property
+    def gpu_share(self) -> float:
+        """The fraction of a GPU one trial asks for (a PBT trial trains in one process, whatever num_workers)."""
+        if self.num_workers > 1 and self.scheduler != "pbt":
+            return 1.0
+        return 1 / (self.trials_per_gpu or DEFAULT_TRIALS_PER_GPU)
 
     @property
     def mode(self) -> str:

@@ -25,7 +25,7 @@ import yaml
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline import cluster, resume, spool, tracking
+from pipeline import cluster, gpu_share, resume, spool, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, validate
 from pipeline.preprocess import load_processed
 from pipeline.progress import on_terminal, sweep_callback, trial_count
@@ -100,7 +100,9 @@ def run_trial(sampled: dict, setup: dict) -> None:
                                        tracking_uri=setup["tracking_uri"],
                                        spool_root=str(spool.spool_root(setup["storage"])), use_gpu=use_gpu,
                                        diverged_metrics=setup["diverged_metrics"], estimate=setup["estimate"])
-        train_loop(loop_config, TuneSession(use_gpu))
+        session = TuneSession(use_gpu)
+        with gpu_share.memory_share(session.device, cfg.sweep.gpu_share):
+            train_loop(loop_config, session)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -159,7 +161,7 @@ def results_table(results, cfg: Config, children: dict[str, str], epochs_trained
         run_id = children.get(trial_id, "")
         row.update(epochs_run=max(metrics.get("epoch", 0), epochs_trained.get(run_id, 0)),
                    wall_seconds=round(metrics.get("time_total_s", math.nan), 2),
-                   mlflow_run_id=run_id, error=str(result.error or "")[:300],
+                   mlflow_run_id=run_id, error=gpu_share.reason(result.error)[:300] if result.error else "",
                    checkpoint=_latest_checkpoint(result))
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -235,12 +237,13 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
     batch_key = "sweep.space.batch_size" if "batch_size" in sweep.space else "train.batch_size"
     for batch_size in sweep.candidate_values().get("batch_size", [cfg.train.batch_size]):
         cluster.check_batch(int(batch_size), workers, len(arrays["x_train"]), batch_key=batch_key,
-                            workers_key="sweep.num_workers")
+                            workers_key="sweep.num_workers", per_worker=cfg.train.batch_scaling == "per_worker")
     uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
     nodes = cluster.start(cfg)
     use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
     # A data-parallel trial holds a token CPU share beside its TorchTrainer's workers; the others train themselves.
-    share = {"CPU": 1.0, "GPU": float(use_gpu)} if single else {"CPU": cluster.TRIAL_CPU_SHARE}
+    # sweep.trials_per_gpu one-worker trials share each GPU (Ray's fractional resources).
+    share = {"CPU": 1.0, "GPU": sweep.gpu_share * use_gpu} if single else {"CPU": cluster.TRIAL_CPU_SHARE}
     concurrent = cluster.check_resources(cfg, nodes, workers=0 if single else workers, use_gpu=use_gpu,
                                          key="ray.use_gpu" if single else "sweep.num_workers", trial=share,
                                          trials=sweep.max_concurrent_trials)
@@ -354,7 +357,7 @@ def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
     sweep, paths = cfg.sweep, output_paths(root)
     paths["results"].parent.mkdir(parents=True, exist_ok=True)
     paths["metrics"].parent.mkdir(parents=True, exist_ok=True)
-    table.drop(columns=["checkpoint", "error"]).to_csv(paths["results"], index=False)
+    table.drop(columns=["checkpoint"]).to_csv(paths["results"], index=False)  # "error": why a trial failed
     usable = table[table["status"].isin(["completed", "stopped_early"]) & np.isfinite(table[sweep.metric])]
     if usable.empty:
         raise RuntimeError(f"no trial finished with a finite {sweep.metric}; see {paths['results']}")

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from gan.data import DATASETS, DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.models import build_models
+from gan.parallel import GradientAllReduce
 from pipeline import cluster, estimate, resume, spool, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
@@ -85,13 +86,10 @@ class RayTrainSession:
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
+        # No DDP wrapper: the engine all-reduces gradients itself (gan.parallel), also inside its CUDA graph.
         if self.world > 1 and self.device.type == "cuda":
             module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        # broadcast_buffers=False: D runs one forward on cat([real, fake]) per update and
-        # buffer broadcasts between forwards break BatchNorm under DDP (pytorch #175024).
-        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+        return module.to(self.device)
 
     def get_checkpoint(self):
         import ray.train
@@ -115,11 +113,24 @@ def train_loop(loop_config: dict, session=None) -> None:
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
+    # Several workers average their gradients in the engine; rank 0's initial weights go everywhere, as DDP did.
+    gradient_sync = GradientAllReduce.broadcasting(generator, discriminator) if world > 1 else None
     batches = DeviceBatches(cluster.worker_shard(loop_config["inputs"], rank, world).to(device),
-                            cfg.train.batch_size // world,
+                            cfg.train.worker_batch(world),
                             seed=cfg.train.seed + rank)
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()), device=device,
-                         seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers)
+                         seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers,
+                         gradient_sync=gradient_sync)
+    try:
+        _train_epochs(loop_config, session, cfg, dataset, trainer, batches, entered)
+    finally:
+        if trainer.graph is not None:
+            trainer.graph.reset()  # before Ray destroys the process group (NCCL 2.26+ hangs otherwise)
+
+
+def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer: GANTrainer,
+                  batches: DeviceBatches, entered: float) -> None:
+    rank, world, device = session.rank, session.world, session.device
 
     start_epoch, history = 1, History()
     checkpoint = session.get_checkpoint()
@@ -187,13 +198,21 @@ def train_loop(loop_config: dict, session=None) -> None:
                 if logger:
                     history.save(folder)
                     logger.write_outputs(trainer, folder, {**metrics, "reason": reason, "timings": timings,
-                                                           "wall_seconds": time.perf_counter() - started})
+                                                           "wall_seconds": time.perf_counter() - started,
+                                                           **_device_report(trainer)})
                 session.report(metrics, folder)
         else:
             session.report(metrics)
         timings["checkpoints_s"] += time.perf_counter() - reported
         if last:
             break
+
+
+def _device_report(trainer: GANTrainer) -> dict:
+    """Whether iterations ran as a CUDA graph (and why not, after a fallback), and rank 0's peak GPU memory."""
+    cuda = trainer.device.type == "cuda"
+    return {"cuda_graph": trainer.use_graph, "graph_fallback_reason": trainer.graph_fallback_reason,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 3) if cuda else None}
 
 
 def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
@@ -235,6 +254,8 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
                                                resources_per_worker=cluster.worker_resources(use_gpu)),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage, callbacks=callbacks,
+            # Ray Train turns NCCL async error handling on unless set: off for captured collectives (CUDA graphs notes).
+            worker_runtime_env={"env_vars": {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}} if use_gpu else None,
             # A finite controller budget: a worker group that can never be placed ends the run
             # instead of retrying forever; an autoscaling cluster may take its time.
             failure_config=ray.train.FailureConfig(
@@ -260,7 +281,8 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     clock = Stopwatch()
     # Every check before the MLflow run exists: a bad setting leaves nothing RUNNING.
     arrays = load_processed(dataset, root)
-    cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, len(arrays["x_train"]))
+    cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, len(arrays["x_train"]),
+                        per_worker=cfg.train.batch_scaling == "per_worker")
     uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
     nodes = cluster.start(cfg)
     use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
@@ -357,7 +379,7 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
             shutil.copy(folder / f"{name}{paths[name].suffix}", paths[name])
     keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall",
             "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
-            "epoch", "step", "status")
+            "epoch", "step", "status", "cuda_graph", "graph_fallback_reason", "peak_memory_gib")
     summary = {k: status[k] for k in keys if k in status}
     summary["mlflow_run_id"] = run_id
     paths["report"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
@@ -377,7 +399,8 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     if real_png.exists():
         client.log_artifact(run_id, str(real_png), artifact_path="reference")
     generator, _ = build_generator_and_discriminator(cfg.model, dataset)
-    generator.load_state_dict(torch.load(paths["generator"], weights_only=True)["state_dict"])
+    # map_location: rank 0 saved CUDA tensors when it trained on a GPU; the model is exported from the CPU.
+    generator.load_state_dict(torch.load(paths["generator"], weights_only=True, map_location="cpu")["state_dict"])
     generator.eval()
     noise = torch.randn(4, cfg.model.latent_dim)
     with torch.no_grad():

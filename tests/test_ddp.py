@@ -1,4 +1,8 @@
-"""Data parallelism is exact: 2 Ray workers at batch B/2 == 1 process at batch B on the first D update."""
+"""Data parallelism is exact: 2 Ray workers at batch B/2 == 1 process at batch B on the first D update.
+
+Both ways of averaging gradients over gloo: DDP wrappers, and the engine's own flat
+all-reduce (``gan.parallel``, what the pipeline uses, and what its CUDA graph captures).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from conftest import synthetic_split
 from gan.data import shard, to_unit_range
 from gan.engine import EngineConfig, GANTrainer
 from gan.models import build_models
+from gan.parallel import GradientAllReduce
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +41,10 @@ def real_batch() -> torch.Tensor:
     return to_unit_range(torch.from_numpy(images).unsqueeze(1))
 
 
-def discriminator_after_one_iteration(generator, discriminator, rank: int, world: int) -> torch.Tensor:
-    trainer = GlobalNoiseTrainer(generator, discriminator, CONFIG, device="cpu", seed=rank)
+def discriminator_after_one_iteration(generator, discriminator, rank: int, world: int,
+                                      gradient_sync=None) -> torch.Tensor:
+    trainer = GlobalNoiseTrainer(generator, discriminator, CONFIG, device="cpu", seed=rank,
+                                 gradient_sync=gradient_sync)
     trainer.rank, trainer.world = rank, world
     trainer.train_epoch([shard(real_batch(), rank, world)])
     return torch.cat([p.detach().flatten() for p in trainer.d_module.parameters()])
@@ -48,13 +55,20 @@ def ddp_loop(config: dict) -> None:
     import ray.train.torch
 
     context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(0)
     generator, discriminator = build_models("mlp", latent_dim=LATENT, hidden=(32, 64))
     generator = ray.train.torch.prepare_model(generator, parallel_strategy_kwargs={"broadcast_buffers": False})
     discriminator = ray.train.torch.prepare_model(discriminator, parallel_strategy_kwargs={"broadcast_buffers": False})
-    weights = discriminator_after_one_iteration(generator, discriminator, context.get_world_rank(),
-                                                context.get_world_size())
-    torch.save(weights, Path(config["out"]) / f"rank{context.get_world_rank()}.pt")
+    weights = discriminator_after_one_iteration(generator, discriminator, rank, world)
+    torch.save(weights, Path(config["out"]) / f"ddp-rank{rank}.pt")
+
+    torch.manual_seed(rank)  # different weights per rank: the broadcast must make them rank 0's
+    generator, discriminator = build_models("mlp", latent_dim=LATENT, hidden=(32, 64))
+    sync = GradientAllReduce()
+    sync.broadcast_state(generator, discriminator)
+    weights = discriminator_after_one_iteration(generator, discriminator, rank, world, gradient_sync=sync)
+    torch.save(weights, Path(config["out"]) / f"flat-rank{rank}.pt")
 
 
 def test_two_workers_at_half_batch_match_one_at_full_batch(tmp_path):
@@ -76,6 +90,7 @@ def test_two_workers_at_half_batch_match_one_at_full_batch(tmp_path):
                      run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="ddp")).fit()
     finally:
         ray.shutdown()
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)  # DDP keeps replicas identical
-    torch.testing.assert_close(rank0, reference, rtol=1e-5, atol=1e-6)
+    for way in ("ddp", "flat"):
+        rank0, rank1 = (torch.load(tmp_path / f"{way}-rank{r}.pt") for r in (0, 1))
+        torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)  # replicas stay identical
+        torch.testing.assert_close(rank0, reference, rtol=1e-5, atol=1e-6)
