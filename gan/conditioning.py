@@ -37,6 +37,11 @@ def class_rows(num_classes: int, per_class: int, device: torch.device | str = "c
     return torch.arange(num_classes, device=device).repeat_interleave(per_class)
 
 
+def label_args(labels: Tensor | None) -> tuple[Tensor, ...]:
+    """The extra call arguments of a model: (labels,) for a conditional one, none for the rest."""
+    return () if labels is None else (labels,)
+
+
 def split_batch(batch) -> tuple[Tensor, Tensor | None]:
     """(images, labels) of a batch that is either an (images, labels) pair or images alone."""
     if isinstance(batch, (tuple, list)):
@@ -44,10 +49,22 @@ def split_batch(batch) -> tuple[Tensor, Tensor | None]:
     return batch, None
 
 
+def split_batches(batches, conditional: bool) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Images and labels of several batches (labels None for an unconditional model, which ignores them)."""
+    pairs = [split_batch(batch) for batch in batches]
+    reals, labels = [images for images, _ in pairs], [y for _, y in pairs]
+    if not conditional:
+        return reals, None
+    if any(y is None for y in labels):
+        raise ValueError("a class-conditional model trains on (images, labels) batches; these have no labels")
+    return reals, labels
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm without its own affine, then a per-class gain and bias (BigGAN's class-conditional BN).
 
-    Gains start at 1 and biases at 0, so at initialization it is plain BatchNorm.
+    Gains start near 1 (N(1, 0.02), the DCGAN init of BatchNorm scales) and biases at 0: close to
+    plain BatchNorm, with the classes already apart.
     """
 
     def __init__(self, norm: nn.BatchNorm2d, num_classes: int):
@@ -55,7 +72,7 @@ class ConditionalBatchNorm2d(nn.Module):
         self.norm = nn.BatchNorm2d(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=False)
         self.gain = nn.Embedding(num_classes, norm.num_features)
         self.bias = nn.Embedding(num_classes, norm.num_features)
-        nn.init.ones_(self.gain.weight)
+        nn.init.normal_(self.gain.weight, 1.0, 0.02)
         nn.init.zeros_(self.bias.weight)
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:

@@ -61,7 +61,8 @@ def build_generator_and_discriminator(m: ModelConfig, dataset: str):
     """params.yaml's model section, built for the dataset's sample shape."""
     return build_models(m.name, shape=DATASETS[dataset].shape, latent_dim=m.latent_dim, hidden=tuple(m.hidden),
                         channels=m.channels, dropout=m.dropout, activation=m.activation,
-                        spectral_norm=m.spectral_norm)
+                        spectral_norm=m.spectral_norm, conditional=m.conditional,
+                        num_classes=len(DATASETS[dataset].classes))
 
 
 def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
@@ -116,9 +117,11 @@ def train_loop(loop_config: dict, session=None) -> None:
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
+    conditional = cfg.model.conditional != "none"  # the batches carry labels
+    labels = cluster.worker_shard(loop_config["inputs"], rank, world, "y_train").to(device) if conditional else None
     batches = DeviceBatches(cluster.worker_shard(loop_config["inputs"], rank, world).to(device),
                             cfg.train.batch_size // world,
-                            seed=cfg.train.seed + rank)
+                            seed=cfg.train.seed + rank, labels=labels)
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()), device=device,
                          seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers)
 
