@@ -39,6 +39,7 @@ from gan.models import build_models
 from pipeline import cluster, resume, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
+from pipeline.generate import model_example
 from pipeline.progress import EpochBar, checkpoint_callback, on_terminal
 from pipeline.preprocess import load_processed, processed_paths
 
@@ -346,13 +347,13 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
         shutil.copy(folder / "rank0.pt", paths["checkpoint"])
         for name in ("losses", "quality", "samples"):
             shutil.copy(folder / f"{name}{paths[name].suffix}", paths[name])
-    keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall",
+    keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall", "cond_accuracy",
             "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
             "epoch", "step", "status")
     summary = {k: status[k] for k in keys if k in status}
     summary["mlflow_run_id"] = run_id
     paths["report"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    comparable = ("fid", "kid", "inception_score", "class_coverage", "mean", "std", "wasserstein",
+    comparable = ("fid", "kid", "inception_score", "class_coverage", "cond_accuracy", "mean", "std", "wasserstein",
                   "images_per_sec", "mlflow_run_id")
     tracking.write_dvc_metrics(paths["metrics"], {k: summary[k] for k in comparable if k in summary})
     return summary
@@ -371,15 +372,19 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     generator, _ = build_generator_and_discriminator(cfg.model, dataset)
     generator.load_state_dict(torch.load(paths["generator"], weights_only=True)["state_dict"])
     generator.eval()
-    noise = torch.randn(4, cfg.model.latent_dim)
+    # A conditional generator takes (z, label): its signature names both inputs.
+    example = model_example(generator, cfg.model.latent_dim)
+    inputs = {name: value.numpy() for name, value in example.items()}
     with torch.no_grad():
-        signature = infer_signature(noise.numpy(), generator(noise).numpy())
+        output = generator(*example.values()).numpy()
+    signature = infer_signature(inputs if len(inputs) > 1 else inputs["z"], output)
     mlflow.set_tracking_uri(client.tracking_uri)
     # Listed, not inferred: MLflow infers requirements by loading the model in a subprocess (~8 s a run).
     requirements = [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy")]
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
-            generator, name="generator", input_example=noise.numpy(), signature=signature,
+            generator, name="generator", input_example=tuple(inputs.values()) if len(inputs) > 1 else inputs["z"],
+            signature=signature,
             pip_requirements=requirements,
             registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None,
         )
