@@ -292,3 +292,55 @@ def test_bad_conditional_settings_fail_in_one_line_naming_the_key(overrides, exp
     with pytest.raises(ConfigError) as info:
         validate(raw)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- sweeps and recipes
+
+
+def test_conditional_is_a_sweep_dimension_of_the_model_section(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from conftest import REPO_ROOT
+    from pipeline.config import apply_overrides, read_params, validate
+    from pipeline.search import search_space
+    from pipeline.sweep import best_vs_worst, trial_config
+
+    raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"),
+                          {"sweep.space": {"conditional": ["none", "projection"], "lr_g": [1e-4]}})
+    cfg = validate(raw)
+    assert search_space(cfg)["conditional"] == {"grid_search": ["none", "projection"]}
+    trial = trial_config(raw, cfg.sweep, {"conditional": "projection", "lr_g": 1e-4})
+    assert trial.model.conditional == "projection" and trial.train.lr_g == 1e-4
+    with pytest.raises(Exception, match="sweep.metric cond_accuracy needs a conditional model in every trial"):
+        validate(apply_overrides(raw, {"sweep.metric": "cond_accuracy"}))
+    swept = validate(apply_overrides(raw, {"sweep.metric": "cond_accuracy",
+                                           "sweep.space": {"conditional": ["concat", "projection"]}}))
+    assert swept.sweep.mode == "max"
+
+    # The best and worst grids side by side, though a conditional grid has more rows.
+    for name, rows in (("best", 10), ("worst", 8)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((2 + 30 * rows, 242), 128, np.uint8)).save(tmp_path / name / "samples.png")
+    table = pd.DataFrame({"checkpoint": [str(tmp_path / "best"), str(tmp_path / "worst")],
+                          "status": ["completed", "completed"]})
+    assert best_vs_worst(table, tmp_path / "grid.png")
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (302, 242 * 2 + 8)
+
+
+def test_recipes_have_the_conditional_rows():
+    import sys
+
+    import yaml
+
+    from conftest import REPO_ROOT
+
+    sys.path[:0] = [str(REPO_ROOT / "benchmarks")]
+    from recipes import rows
+
+    plan = rows(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), [])
+    assert {name: plan[name]["model"]["conditional"] for name in plan if "+" in name} == {
+        "default+concat": "concat", "default+projection": "projection", "pytorch-examples+concat": "concat"}
+    assert plan["pytorch-examples+concat"]["model"]["name"] == "dcgan"
+    assert plan["default"]["model"].get("conditional", "none") == "none"
