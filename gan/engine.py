@@ -252,11 +252,9 @@ class GANTrainer(TrainerState):
         finally:
             generator.train(was_training)
 
-    def generate(self, n: int, batch_size: int = 1000, labels: Tensor | None = None) -> Tensor:
-        """n samples on the trainer's device, drawn ``batch_size`` at a time (of ``labels``' classes if given)."""
-        return torch.cat([self.sample(min(batch_size, n - start),
-                                      labels=None if labels is None else labels[start:start + batch_size])
-                          for start in range(0, n, batch_size)])
+    def generate(self, n: int, batch_size: int = 1000) -> Tensor:
+        """n samples on the trainer's device, drawn ``batch_size`` at a time."""
+        return torch.cat([self.sample(min(batch_size, n - start)) for start in range(0, n, batch_size)])
 
     # ---------------------------------------------------------------- one iteration
 
@@ -271,14 +269,13 @@ class GANTrainer(TrainerState):
         with torch.no_grad(), self._autocast():
             fake = self.g_module(self.noise(n), *label_args(fake_labels))
         batch = [real, fake.to(real.dtype)]
-        labels = None if fake_labels is None else [real_labels, fake_labels]
+        labels = [] if fake_labels is None else [real_labels, fake_labels]
         if self.config.loss == "wgan_gp":
             points = interpolate(real, batch[1], self.noise_generator)
             batch.append(points)
-            if labels is not None:
-                labels.append(real_labels)  # the penalty at (x, y) pairs: a point keeps its real end's class
+            labels += [real_labels] if labels else []  # the penalty at (x, y) pairs: x's real end's class
         with self._autocast():
-            logits = self.discriminator(torch.cat(batch), *label_args(None if labels is None else torch.cat(labels))).float()
+            logits = self.discriminator(torch.cat(batch), *label_args(torch.cat(labels) if labels else None)).float()
         real_logits, fake_logits = logits[:n], logits[n:2 * n]
         loss = self.loss.d_loss(real_logits, fake_logits, self.config.label_smoothing)
         if self.config.loss == "wgan_gp":

@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("-o", "--output", default="samples.png")
             classes = sub.add_mutually_exclusive_group()  # for a class-conditional generator
             classes.add_argument("--label", help="draw only this class: its index or name (e.g. 7, Sneaker)")
-            classes.add_argument("--per-class", type=int, metavar="K", help="a grid of K samples per class, one row each")
+            classes.add_argument("--per-class", type=int, metavar="K",
+                                 help="a grid of K samples per class, one row each")
         sub.set_defaults(func=_tool(name))
     return parser
 

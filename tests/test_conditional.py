@@ -103,7 +103,8 @@ def test_wgan_gp_penalty_points_carry_the_real_labels(monkeypatch):
     trainer = make_trainer("dcgan", "concat", loss="wgan_gp")
     seen = []
     forward = trainer.discriminator.forward
-    monkeypatch.setattr(trainer.discriminator, "forward", lambda x, y: seen.append((len(x), y.clone())) or forward(x, y))
+    monkeypatch.setattr(trainer.discriminator, "forward",
+                        lambda x, y: seen.append((len(x), y.clone())) or forward(x, y))
     images, labels = labelled_data(16)
     trainer._d_update(images.float().unsqueeze(1) / 127.5 - 1, labels)
     (n, given), = seen
