@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -345,3 +346,35 @@ def test_recipes_have_the_conditional_rows():
         "default+concat": "concat", "default+projection": "projection", "pytorch-examples+concat": "concat"}
     assert plan["pytorch-examples+concat"]["model"]["name"] == "dcgan"
     assert plan["default"]["model"].get("conditional", "none") == "none"
+
+
+# ---------------------------------------------------------------- conditional metrics
+
+
+def test_conditional_accuracy_and_per_class_fid_tell_a_faithful_sampler_from_a_shifted_one():
+    from gan.data import to_unit_range
+    from gan.metrics import evaluate, real_reference, train_evaluator
+
+    x_train, y_train = synthetic_split(1000, seed=1)
+    x_test, y_test = synthetic_split(500, seed=2)
+    evaluator, _ = train_evaluator(x_train, y_train, x_test, y_test, epochs=2, batch_size=50, max_shift=0)
+    reference = real_reference(evaluator, x_test, y_test)
+    pool, pool_labels = synthetic_split(1000, seed=4)
+    by_class = [to_unit_range(torch.from_numpy(pool[pool_labels == k])).unsqueeze(1) for k in range(CLASSES)]
+
+    def sampler(shift: int):
+        def sample(n, labels):
+            return torch.stack([by_class[(int(k) + shift) % CLASSES][i % 100] for i, k in enumerate(labels)])
+        return sample
+
+    faithful = evaluate(sampler(0), evaluator, reference, n=500, batch_size=100, conditional=True)
+    shifted = evaluate(sampler(1), evaluator, reference, n=500, batch_size=100, conditional=True)
+    assert faithful["cond_accuracy"] >= 0.95 and shifted["cond_accuracy"] <= 0.05
+    for scores in (faithful, shifted):
+        per_class = [scores[f"cond_accuracy_{k}"] for k in range(CLASSES)]
+        assert np.mean(per_class) == pytest.approx(scores["cond_accuracy"])  # 50 samples per class
+    for k in range(CLASSES):  # the same images under other labels: far from class k's real images
+        assert faithful[f"fid_class_{k}"] * 5 < shifted[f"fid_class_{k}"]
+    assert faithful["fid"] == pytest.approx(shifted["fid"], rel=0.05)  # the overall mix is the same
+    assert "cond_accuracy" not in evaluate(lambda n: sampler(0)(n, torch.arange(n) % CLASSES), evaluator,
+                                           reference, n=200, batch_size=100)
