@@ -137,8 +137,10 @@ def main() -> None:
         for name, row_params in plan.items():
             results[name] = train_and_score(row_params, stick, device, epochs=args.epochs, score_at=args.score_at,
                                             eval_samples=args.eval_samples)
-            print(f"  {name}: FID {results[name]['scores'][-1]['fid']:.2f} "
-                  f"in {results[name]['train_seconds']:.1f} s", flush=True)
+            last = results[name]["scores"][-1]
+            conditional = f", cond acc {last['cond_accuracy']:.4f}" if "cond_accuracy" in last else ""
+            print(f"  {name}: FID {last['fid']:.2f}{conditional} in {results[name]['train_seconds']:.1f} s "
+                  f"({json.dumps({k: v for k, v in last.items()})})", flush=True)
         figure(results, dataset, args.out_dir / f"recipes-{dataset}.png")
         report["datasets"][dataset] = {
             "evaluator_test_accuracy": stick.test_accuracy, "evaluator_seconds": stick.seconds,
