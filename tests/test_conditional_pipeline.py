@@ -53,7 +53,7 @@ def test_conditional_run_reports_conditional_accuracy_and_per_class_fid(conditio
 
     client = mlflow_client(repo)
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.data.params["model.conditional"] == "projection"
+    assert run.data.params["model.conditional"] == "projection" and run.info.run_name == "dcgan+projection-ns-d1g1"
     history = client.get_metric_history(run.info.run_id, "quality/cond_accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
     assert history[-1].value == pytest.approx(summary["cond_accuracy"], rel=1e-6)
