@@ -131,7 +131,8 @@ def main() -> None:
     tables = []
     for dataset in args.datasets:
         stick = yardstick(args.data_root / dataset, params["evaluator"], device, args.eval_samples)
-        stick.x_train = stick.x_train[:args.train_images]  # the evaluator and the floor still use the full split
+        # The evaluator and the floor still use the full split.
+        stick.x_train, stick.y_train = stick.x_train[:args.train_images], stick.y_train[:args.train_images]
         print(f"{dataset}: evaluator {stick.test_accuracy:.4f}, floor FID {stick.floor['fid']:.3f}", flush=True)
         results = {}
         for name, row_params in plan.items():
