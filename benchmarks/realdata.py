@@ -20,6 +20,7 @@ from gan.metrics import EvaluatorNet, RealReference, evaluate, real_reference, r
 from gan.models import build_models
 
 QUALITY_KEYS = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall")
+CLASSES = 10  # MNIST and Fashion-MNIST: what a conditional row is conditioned on
 
 
 def load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -32,6 +33,7 @@ class Yardstick:
     """The evaluator@<ds> stage's outputs, made here: the evaluator, the real reference and the floor."""
 
     x_train: np.ndarray
+    y_train: np.ndarray  # a conditional row's labels
     evaluator: EvaluatorNet
     reference: RealReference
     test_accuracy: float
@@ -49,7 +51,7 @@ def yardstick(folder: Path, evaluator_params: dict, device: torch.device, n: int
                                         seed=evaluator_params["seed"], device=device)
     seconds = time.perf_counter() - started
     ends = reference_scores(evaluator, x_train, x_test, y_test, n=n, device=device, real_train_labels=y_train)
-    return Yardstick(x_train, evaluator, real_reference(evaluator, x_test, y_test, device), scores["test_accuracy"],
+    return Yardstick(x_train, y_train, evaluator, real_reference(evaluator, x_test, y_test, device), scores["test_accuracy"],
                      seconds, {key: ends["real_vs_real"][key] for key in QUALITY_KEYS}, ends["noise"]["fid"])
 
 
@@ -66,10 +68,14 @@ def train_and_score(params: dict, stick: Yardstick, device: torch.device, *, epo
     generator, discriminator = build_models(
         model["name"], (1, 28, 28), latent_dim=model["latent_dim"], hidden=tuple(model["hidden"]),
         channels=model["channels"], dropout=model["dropout"], activation=model.get("activation", "leaky_relu"),
-        spectral_norm=model.get("spectral_norm", False))
+        spectral_norm=model.get("spectral_norm", False), conditional=model.get("conditional", "none"),
+        num_classes=CLASSES)
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(train), device=device,
                          seed=train["seed"] + 1000)
-    batches = DeviceBatches(torch.from_numpy(stick.x_train).to(device), train["batch_size"], seed=train["seed"])
+    conditional = model.get("conditional", "none") != "none"
+    labels = torch.from_numpy(stick.y_train).to(device) if conditional else None
+    batches = DeviceBatches(torch.from_numpy(stick.x_train).to(device), train["batch_size"], seed=train["seed"],
+                            labels=labels)
     scores, train_seconds, images = [], 0.0, 0
     for epoch in range(1, epochs + 1):
         result = trainer.train_epoch(batches)  # ends with a read-back: the device is idle after it
@@ -77,10 +83,12 @@ def train_and_score(params: dict, stick: Yardstick, device: torch.device, *, epo
         images += round(result.images_per_sec * result.seconds)
         if epoch in score_at or epoch == epochs:
             started = time.perf_counter()
-            quality = evaluate(trainer.sample, stick.evaluator, stick.reference, n=eval_samples, device=device)
+            quality = evaluate(trainer.sample, stick.evaluator, stick.reference, n=eval_samples, device=device,
+                               conditional=conditional)
             scores.append({"epoch": epoch, "images_seen": images, "epoch_seconds": result.seconds,
                            "epoch_img_per_s": result.images_per_sec, "eval_seconds": time.perf_counter() - started,
-                           **{key: quality[key] for key in QUALITY_KEYS}})
-    grid = image_grid(trainer.sample(64, noise=trainer.fixed_noise), nrow=8)
+                           **{key: quality[key] for key in QUALITY_KEYS},
+                           **{key: value for key, value in quality.items() if key.startswith(("cond_", "fid_class"))}})
+    grid = image_grid(trainer.sample(noise=trainer.fixed_noise, labels=trainer.fixed_labels), nrow=8)
     return {"scores": scores, "train_seconds": train_seconds, "img_per_s": images / train_seconds,
             "graph_ran": trainer.use_graph, "graph_fallback_reason": trainer.graph_fallback_reason, "grid": grid}

@@ -9,6 +9,9 @@ recipes.json (every figure) and recipes-<dataset>.png (each row's samples side b
     python benchmarks/recipes.py --data-root DIR [--datasets mnist fashion_mnist] [--epochs 10]
         [--score-at 2 5] [--eval-samples 10000] [--variant 'name:train.g_ema=0.999;model.spectral_norm=true']
 
+The class-conditional rows (``CONDITIONAL_ROWS``) add "cond acc" (the share of samples
+drawn for class k that the evaluator calls k) to the table; the others show "-".
+
 DIR holds one folder per dataset with its four IDX .gz files (a ``data.mirrors`` folder).
 Torch only: it runs on a GPU machine without Ray, MLflow or DVC.
 """
@@ -42,10 +45,17 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
+# Class-conditional rows: (the row they condition, model.conditional).
+CONDITIONAL_ROWS = {"default+concat": ("default", "concat"), "default+projection": ("default", "projection"),
+                    "pytorch-examples+concat": ("pytorch-examples", "concat")}
+
+
 def rows(params: dict, variants: list[str]) -> dict[str, dict]:
-    """Row name -> the full params it trains: each preset, the default, then the variants of the default."""
+    """Row name -> the full params it trains: each preset, the default, the conditional rows, then the variants."""
     out = {name: merge(params, preset_overrides(name, REPO_ROOT)) for name in available(REPO_ROOT)}
     out["default"] = params
+    for name, (base, conditional) in CONDITIONAL_ROWS.items():
+        out[name] = apply_overrides(out[base], {"model.conditional": conditional})
     for text in variants:
         name, overrides = parse_variant(text)
         out[name] = apply_overrides(params, overrides)
@@ -76,14 +86,16 @@ def table(results: dict[str, dict], stick, epochs: int) -> str:
     first = results[next(iter(results))]["scores"]
     early = first[0]["epoch"] if len(first) > 1 else None
     header = ["row"] + ([f"FID @{early} ep"] if early else []) + [
-        "FID", "KID", "IS", "coverage", "class KL", "precision", "recall", "floor FID", "wall s", "img/s"]
+        "FID", "KID", "IS", "coverage", "class KL", "precision", "recall", "cond acc", "floor FID", "wall s",
+        "img/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, result in sorted(results.items(), key=lambda item: item[1]["scores"][-1]["fid"]):
         last = result["scores"][-1]
         cells = [name] + ([f"{result['scores'][0]['fid']:.2f}"] if early else []) + [
             f"{last['fid']:.2f}", f"{last['kid']:.3f}", f"{last['inception_score']:.2f}",
             f"{last['class_coverage']:.1f}", f"{last['class_kl']:.3f}", f"{last['precision']:.2f}",
-            f"{last['recall']:.2f}", f"{stick.floor['fid']:.3f}", f"{result['train_seconds']:.1f}",
+            f"{last['recall']:.2f}", f"{last['cond_accuracy']:.3f}" if "cond_accuracy" in last else "-",
+            f"{stick.floor['fid']:.3f}", f"{result['train_seconds']:.1f}",
             f"{result['img_per_s']:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -119,14 +131,17 @@ def main() -> None:
     tables = []
     for dataset in args.datasets:
         stick = yardstick(args.data_root / dataset, params["evaluator"], device, args.eval_samples)
-        stick.x_train = stick.x_train[:args.train_images]  # the evaluator and the floor still use the full split
+        # The evaluator and the floor still use the full split.
+        stick.x_train, stick.y_train = stick.x_train[:args.train_images], stick.y_train[:args.train_images]
         print(f"{dataset}: evaluator {stick.test_accuracy:.4f}, floor FID {stick.floor['fid']:.3f}", flush=True)
         results = {}
         for name, row_params in plan.items():
             results[name] = train_and_score(row_params, stick, device, epochs=args.epochs, score_at=args.score_at,
                                             eval_samples=args.eval_samples)
-            print(f"  {name}: FID {results[name]['scores'][-1]['fid']:.2f} "
-                  f"in {results[name]['train_seconds']:.1f} s", flush=True)
+            last = results[name]["scores"][-1]
+            conditional = f", cond acc {last['cond_accuracy']:.4f}" if "cond_accuracy" in last else ""
+            print(f"  {name}: FID {last['fid']:.2f}{conditional} in {results[name]['train_seconds']:.1f} s "
+                  f"({json.dumps({k: v for k, v in last.items()})})", flush=True)
         figure(results, dataset, args.out_dir / f"recipes-{dataset}.png")
         report["datasets"][dataset] = {
             "evaluator_test_accuracy": stick.test_accuracy, "evaluator_seconds": stick.seconds,

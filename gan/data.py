@@ -164,14 +164,22 @@ class DeviceBatches:
     round trip: an epoch is one ``randperm`` and ``len(self)`` gathers. Float data
     (the 1-D toy set) is yielded as is. The last partial batch is dropped so every
     step has the same shape (needed for CUDA graph capture and for DDP).
+
+    With ``labels`` (int64, one per sample, on the same device) each batch is an
+    (images, labels) pair, gathered with the same shuffled index: what a
+    class-conditional model trains on. The shuffle is the same with or without them.
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, *, seed: int = 0):
+    def __init__(self, data: torch.Tensor, batch_size: int, *, seed: int = 0, labels: torch.Tensor | None = None):
         if batch_size < 1 or batch_size > len(data):
             raise ValueError(f"batch_size {batch_size} must be in [1, {len(data)}] for this dataset")
+        if labels is not None and (labels.shape != (len(data),) or labels.device != data.device):
+            raise ValueError(f"labels must be ({len(data)},) on {data.device}, got {tuple(labels.shape)} "
+                             f"on {labels.device}")
         if data.dtype == torch.uint8 and data.dim() == 3:
             data = data.unsqueeze(1)  # (N,H,W) -> (N,1,H,W)
         self.data = data
+        self.labels = None if labels is None else labels.long()
         self.batch_size = batch_size
         self.generator = torch.Generator(device=data.device).manual_seed(seed)
 
@@ -181,8 +189,10 @@ class DeviceBatches:
     def __iter__(self):
         order = torch.randperm(len(self.data), device=self.data.device, generator=self.generator)
         for i in range(len(self)):
-            batch = self.data[order[i * self.batch_size:(i + 1) * self.batch_size]]
-            yield to_unit_range(batch) if batch.dtype == torch.uint8 else batch
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            batch = self.data[index]
+            images = to_unit_range(batch) if batch.dtype == torch.uint8 else batch
+            yield images if self.labels is None else (images, self.labels[index])
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

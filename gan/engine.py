@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from gan.checkpoint import TrainerState
+from gan.conditioning import class_rows, label_args, split_batch, split_batches, uniform_labels
 from gan.graph import CapturedIteration
 from gan.losses import LOSSES, clip_weights, interpolate, penalty_at
 
@@ -39,6 +40,7 @@ METRICS = D_METRICS + G_METRICS
 NOISE_KINDS = ("gaussian", "uniform")
 OPTIMIZERS = ("auto", "adam", "rmsprop", "sgd")
 FIXED_NOISE_SIZE = 64  # the sample grid: 8 x 8
+FIXED_PER_CLASS = 8  # a conditional model's sample grid: one row of 8 per class
 
 
 @dataclass
@@ -165,6 +167,7 @@ class GANTrainer(TrainerState):
         self.generator, self.discriminator = generator, discriminator
         self.g_module, self.d_module = unwrap(generator).to(self.device), unwrap(discriminator).to(self.device)
         self.latent_dim = self.g_module.latent_dim
+        self.num_classes = getattr(self.g_module, "num_classes", 0)  # 0: unconditional, batches carry no labels
         self.loss = LOSSES[config.loss]
         self.metric_reducer = metric_reducer or (lambda metrics: metrics)
         self.gradient_sync = gradient_sync
@@ -190,7 +193,9 @@ class GANTrainer(TrainerState):
         self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)
         # Sampling draws from its own generator so that it never shifts the training noise.
         self.sample_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
-        self.fixed_noise = self.noise(FIXED_NOISE_SIZE, self.sample_generator)
+        self.fixed_labels = class_rows(self.num_classes, FIXED_PER_CLASS, self.device) if self.num_classes else None
+        self.fixed_noise = self.noise(FIXED_NOISE_SIZE if self.fixed_labels is None else len(self.fixed_labels),
+                                      self.sample_generator)
 
         self.step = 0
         self.d_updates = 0
@@ -223,21 +228,32 @@ class GANTrainer(TrainerState):
             return torch.rand(shape, generator=generator, device=self.device) * 2 - 1
         return torch.randn(shape, generator=generator, device=self.device)
 
+    def fake_labels(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        """n class labels drawn uniformly on the device for a conditional model; None otherwise."""
+        if not self.num_classes:
+            return None
+        return uniform_labels(n, self.num_classes, generator or self.noise_generator, self.device)
+
     @property
     def sampling_generator(self) -> nn.Module:
         """The G that samples, evaluates and is exported: the moving average when ``g_ema`` is on."""
         return self.g_ema if self.g_ema is not None else self.g_module
 
     @torch.no_grad()
-    def sample(self, n: int | None = None, noise: Tensor | None = None) -> Tensor:
-        """n fresh samples, or G(noise), in eval mode (BatchNorm running statistics); G's mode is restored after."""
+    def sample(self, n: int | None = None, noise: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        """n fresh samples, or G(noise), in eval mode (BatchNorm running statistics); G's mode is restored after.
+
+        A conditional model samples ``labels`` (uniform classes when not given).
+        """
         if noise is None:
-            noise = self.noise(n, self.sample_generator)
+            noise = self.noise(n if labels is None else len(labels), self.sample_generator)
+        if labels is None:
+            labels = self.fake_labels(len(noise), self.sample_generator)
         generator = self.sampling_generator
         was_training = generator.training
         generator.eval()
         try:
-            return generator(noise.to(self.device))
+            return generator(noise.to(self.device), *label_args(None if labels is None else labels.to(self.device)))
         finally:
             generator.train(was_training)
 
@@ -251,17 +267,20 @@ class GANTrainer(TrainerState):
         # cache_enabled=False: autocast's weight cache is not allowed inside graph capture.
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.config.bf16, cache_enabled=False)
 
-    def _d_update(self, real: Tensor) -> Tensor:
-        """One D update; returns D_METRICS as a device tensor."""
+    def _d_update(self, real: Tensor, real_labels: Tensor | None = None) -> Tensor:
+        """One D update; returns D_METRICS as a device tensor. A conditional D also sees the labels."""
         n = len(real)
+        fake_labels = self.fake_labels(n)
         with torch.no_grad(), self._autocast():
-            fake = self.g_module(self.noise(n))
+            fake = self.g_module(self.noise(n), *label_args(fake_labels))
         batch = [real, fake.to(real.dtype)]
+        labels = [] if fake_labels is None else [real_labels, fake_labels]
         if self.config.loss == "wgan_gp":
             points = interpolate(real, batch[1], self.noise_generator)
             batch.append(points)
+            labels += [real_labels] if labels else []  # the penalty at (x, y) pairs: x's real end's class
         with self._autocast():
-            logits = self.discriminator(torch.cat(batch)).float()
+            logits = self.discriminator(torch.cat(batch), *label_args(torch.cat(labels) if labels else None)).float()
         real_logits, fake_logits = logits[:n], logits[n:2 * n]
         loss = self.loss.d_loss(real_logits, fake_logits, self.config.label_smoothing)
         if self.config.loss == "wgan_gp":
@@ -280,7 +299,7 @@ class GANTrainer(TrainerState):
         return torch.stack([loss.detach(), torch.sigmoid(real_logits).mean(),
                             torch.sigmoid(fake_logits).mean(), accuracy, grad_norm])
 
-    def _g_update(self, real: Tensor) -> Tensor:
+    def _g_update(self, real: Tensor, real_labels: Tensor | None = None) -> Tensor:
         """One G update on fresh samples; returns G_METRICS as a device tensor.
 
         D scores the fakes inside cat([real, fake]), exactly as in its own update:
@@ -288,9 +307,11 @@ class GANTrainer(TrainerState):
         statistics and becomes a different function that G cannot learn from.
         """
         n = len(real)
+        fake_labels = self.fake_labels(n)
+        labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
         with self._autocast():
-            fake = self.generator(self.noise(n))
-            logits = self.d_module(torch.cat([real, fake.to(real.dtype)]))[n:].float()
+            fake = self.generator(self.noise(n), *label_args(fake_labels))
+            logits = self.d_module(torch.cat([real, fake.to(real.dtype)]), *label_args(labels))[n:].float()
         loss = self.loss.g_loss(logits)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward(inputs=self._g_params)  # D's parameter gradients would be thrown away
@@ -317,10 +338,11 @@ class GANTrainer(TrainerState):
         for average, live in zip(self.g_ema.buffers(), self.g_module.buffers()):
             average.copy_(live)
 
-    def _iteration(self, reals: Sequence[Tensor]) -> Tensor:
+    def _iteration(self, reals: Sequence[Tensor], labels: Sequence[Tensor] | None = None) -> Tensor:
         """d_steps D updates, then g_steps G updates: pure device work, capturable as one graph."""
-        d_metrics = torch.stack([self._d_update(real) for real in reals]).mean(0)
-        g_metrics = torch.stack([self._g_update(reals[-1]) for _ in range(self.config.g_steps)]).mean(0)
+        labels = labels if labels is not None else [None] * len(reals)
+        d_metrics = torch.stack([self._d_update(real, y) for real, y in zip(reals, labels)]).mean(0)
+        g_metrics = torch.stack([self._g_update(reals[-1], labels[-1]) for _ in range(self.config.g_steps)]).mean(0)
         return torch.cat([d_metrics, g_metrics])
 
     def _count_updates(self, d_updates: int, g_updates: int) -> None:
@@ -352,10 +374,10 @@ class GANTrainer(TrainerState):
         history: list[dict[str, float]] = []
         steps = images = 0
         while not self.stopped_early:
-            reals = list(itertools.islice(batches, self.config.d_steps))
+            reals, labels = split_batches(itertools.islice(batches, self.config.d_steps), bool(self.num_classes))
             if len(reals) < self.config.d_steps:
                 break
-            metrics = self.graph(reals) if self.graph is not None else self._iteration(reals)
+            metrics = self.graph(reals, labels) if self.graph is not None else self._iteration(reals, labels)
             self._count_updates(self.config.d_steps, self.config.g_steps)
             self.step += 1
             steps += 1
@@ -380,10 +402,10 @@ class GANTrainer(TrainerState):
     def _pretrain_discriminator(self, batches: Iterator[Tensor]) -> None:
         """D-only updates before the first iteration (d_pretrain_steps of them, across epochs if need be)."""
         while self.step == 0 and self.d_updates < self.config.d_pretrain_steps:
-            real = next(batches, None)
-            if real is None:
+            batch = next(batches, None)
+            if batch is None:
                 return
-            self._d_update(real)
+            self._d_update(*split_batch(batch))
             self._count_updates(1, 0)
 
     def _read(self, means: Tensor) -> dict[str, float]:

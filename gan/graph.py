@@ -28,7 +28,7 @@ GRAPH_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
 
 
 class CapturedIteration:
-    """Runs ``trainer._iteration`` as a CUDA graph replay; real batches are copied into a static buffer.
+    """Runs ``trainer._iteration`` as a CUDA graph replay; real batches (and labels) are copied into static buffers.
 
     The first iterations run eagerly on a side stream (they train for real),
     which creates the optimizer state and picks the kernels before capture.
@@ -41,6 +41,7 @@ class CapturedIteration:
         self.replay: Callable[[], Tensor] | None = None
         self.lrs: tuple[float, float] | None = None
         self.static_reals: Tensor | None = None
+        self.static_labels: Tensor | None = None  # a conditional model's class labels
         self.warmup_left = GRAPH_WARMUP_ITERATIONS
         self.fallback_reason: str | None = None  # why the graph was given up, if it was
 
@@ -52,22 +53,26 @@ class CapturedIteration:
         """
         self.replay = None  # the replay closure holds the only reference to the CUDAGraph
 
-    def __call__(self, reals: list[Tensor]) -> Tensor:
+    def __call__(self, reals: list[Tensor], labels: list[Tensor] | None = None) -> Tensor:
         trainer = self.trainer
         if self.replay is None and self.warmup_left > 0:
             self.warmup_left -= 1
             with self._side_stream():
-                return trainer._iteration(reals)
+                return trainer._iteration(reals, labels)
         lrs = (trainer.opt_d.param_groups[0]["lr"], trainer.opt_g.param_groups[0]["lr"])
         if self.replay is not None and (lrs != self.lrs or reals[0].shape != self.static_reals.shape[1:]):
             self.replay = None
         if self.replay is None:
-            return self._capture_checked(reals, lrs)
+            return self._capture_checked(reals, lrs, labels)
         for buffer, real in zip(self.static_reals, reals):
             buffer.copy_(real)
+        if labels is not None:
+            for buffer, y in zip(self.static_labels, labels):
+                buffer.copy_(y)
         return self.replay()  # overwritten by the next replay: the caller accumulates it first
 
-    def _capture_checked(self, reals: list[Tensor], lrs: tuple[float, float]) -> Tensor:
+    def _capture_checked(self, reals: list[Tensor], lrs: tuple[float, float],
+                         labels: list[Tensor] | None = None) -> Tensor:
         """Capture the iteration and prove it on its first replay, or fall back to eager mode for good.
 
         The same iteration runs eagerly first; then the state is rolled back and the
@@ -79,13 +84,15 @@ class CapturedIteration:
         """
         trainer = self.trainer
         snapshot = cloned(trainer.state_dict())
-        expected = trainer._iteration(reals)[trainer.loss_indices]
+        expected = trainer._iteration(reals, labels)[trainer.loss_indices]
         # A loaded optimizer adopts the tensors it is given and updates them in place: load a copy.
         trainer.load_state_dict(cloned(snapshot))
         problem = None
         try:
             self.static_reals = torch.stack(reals)
-            self.replay = self.capture(self.static_reals)
+            self.static_labels = None if labels is None else torch.stack(labels)
+            buffers = (self.static_reals,) if labels is None else (self.static_reals, self.static_labels)
+            self.replay = self.capture(*buffers)
         except Exception as err:  # noqa: BLE001 - whatever breaks the graph, eager mode still trains
             problem = f"capture raised {type(err).__name__}: {err}"
         problem = self._agree(problem)  # replay is collective: only where every rank captured
@@ -105,7 +112,7 @@ class CapturedIteration:
         self.replay = None
         trainer.stop_graph()
         trainer.load_state_dict(snapshot)  # also makes the optimizers non-capturable
-        return trainer._iteration(reals)
+        return trainer._iteration(reals, labels)
 
     def _agree(self, problem: str | None) -> str | None:
         """This rank's problem, or, when only other ranks had one, a reason naming them (one collective)."""
@@ -118,8 +125,8 @@ class CapturedIteration:
                        "every rank trains eagerly, so that their all-reduces still pair up")
         return problem
 
-    def capture(self, static_reals: Tensor) -> Callable[[], Tensor]:
-        """Capture ``_iteration(static_reals)`` as a CUDA graph; returns its replay (-> the metrics tensor)."""
+    def capture(self, static_reals: Tensor, static_labels: Tensor | None = None) -> Callable[[], Tensor]:
+        """Capture ``_iteration(static_reals, static_labels)`` as a CUDA graph; returns its replay (-> the metrics)."""
         trainer = self.trainer
         trainer.opt_d.zero_grad(set_to_none=True)  # backward allocates .grad from the graph's pool
         trainer.opt_g.zero_grad(set_to_none=True)
@@ -127,7 +134,7 @@ class CapturedIteration:
         graph.register_generator_state(trainer.noise_generator)  # fresh noise on every replay
         # thread_local: CUDA calls of other threads (e.g. a Ray worker's) do not break the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_metrics = trainer._iteration(static_reals)
+            static_metrics = trainer._iteration(static_reals, static_labels)
 
         def replay() -> Tensor:
             graph.replay()

@@ -3,7 +3,8 @@
 Every generator has ``latent_dim`` and maps z (n, latent_dim) to samples (n, *shape);
 image generators end in tanh, so samples lie in [-1, 1] like ``gan.data.to_unit_range``.
 Every discriminator returns raw logits of shape (n,): the losses apply the sigmoid
-themselves, in numerically safe forms.
+themselves, in numerically safe forms. ``conditional`` wraps them into class-conditional
+models (``gan.conditioning``), which also take int64 labels: G(z, y), D(x, y).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from gan.conditioning import CONDITIONAL, build_conditional
 
 
 class Generator(nn.Module):
@@ -24,7 +27,8 @@ class Generator(nn.Module):
         self.latent_dim = latent_dim
         self.shape = tuple(shape)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _unconditional(labels)
         return self.net(z).reshape(z.shape[0], *self.shape)  # shape[0], not len(): stays dynamic in torch.export
 
 
@@ -35,8 +39,15 @@ class Discriminator(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _unconditional(labels)
         return self.net(x).reshape(-1)
+
+
+def _unconditional(labels: torch.Tensor | None) -> None:
+    # The engine passes labels=None to every model; a label here is a caller's mistake.
+    if labels is not None:
+        raise ValueError("this model is unconditional (model.conditional: none): it takes no class labels")
 
 
 # Hidden-layer activations of the MLP models: leaky_relu (modern default) or the classic tanh / relu.
@@ -198,7 +209,7 @@ def spectral_normalize(discriminator: nn.Module) -> nn.Module:
     as training goes on; BatchNorm layers are left as they are.
     """
     for module in list(discriminator.modules()):
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):  # Embedding: a projection D's classes
             nn.utils.parametrizations.spectral_norm(module)
     return discriminator
 
@@ -212,13 +223,24 @@ def build_models(
     dropout: float = 0.0,
     activation: str = "leaky_relu",
     spectral_norm: bool = False,
-) -> tuple[Generator, Discriminator]:
-    """(generator, discriminator) of the named model for samples of ``shape``."""
+    conditional: str = "none",
+    num_classes: int = 0,
+) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) of the named model for samples of ``shape``.
+
+    ``conditional`` other than "none": class-conditional on ``num_classes`` classes (``gan.conditioning``).
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-    generator, discriminator = MODELS[name](tuple(shape), latent_dim, tuple(hidden), channels, dropout, activation)
+    if conditional not in CONDITIONAL:
+        raise ValueError(f"unknown conditional {conditional!r}; allowed: {', '.join(CONDITIONAL)}")
+    arguments = (tuple(shape), latent_dim, tuple(hidden), channels, dropout, activation)
+    if conditional == "none":
+        generator, discriminator = MODELS[name](*arguments)
+    else:
+        generator, discriminator = build_conditional(MODELS[name], conditional, num_classes, *arguments)
     if spectral_norm:
         spectral_normalize(discriminator)
     return generator, discriminator

@@ -19,10 +19,11 @@ USER_ERRORS = (ConfigError, FetchError, IDXError, FileNotFoundError)
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from gan.engine import DivergedError
+    from pipeline.generate import SampleError
     from pipeline.spool import TrackerError
     from pipeline.train import TrainingDiverged
 
-    return (*USER_ERRORS, DivergedError, TrainingDiverged, TrackerError)
+    return (*USER_ERRORS, DivergedError, TrainingDiverged, TrackerError, SampleError)
 
 
 def _stage(module_name: str):
@@ -46,7 +47,8 @@ def _tool(name: str):
         cfg = load_config(args.params)
         options = dict(checkpoint=args.checkpoint, mlflow_run=args.mlflow_run, n=args.n, seed=args.seed)
         if name == "sample":
-            generate.sample_command(cfg, args.dataset, output=args.output, **options)
+            generate.sample_command(cfg, args.dataset, output=args.output, label=args.label,
+                                    per_class=args.per_class, **options)
         else:
             generate.evaluate_command(cfg, args.dataset, **options)
     return command
@@ -136,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=0)
         if name == "sample":
             sub.add_argument("-o", "--output", default="samples.png")
+            classes = sub.add_mutually_exclusive_group()  # for a class-conditional generator
+            classes.add_argument("--label", help="draw only this class: its index or name (e.g. 7, Sneaker)")
+            classes.add_argument("--per-class", type=int, metavar="K",
+                                 help="a grid of K samples per class, one row each")
         sub.set_defaults(func=_tool(name))
     return parser
 

@@ -354,7 +354,7 @@ def put_inputs(dataset: str, root: Path, arrays: dict[str, np.ndarray]) -> dict:
     """
     import ray
 
-    return {"x_train": ray.put(arrays["x_train"]),
+    return {"x_train": ray.put(arrays["x_train"]), "y_train": ray.put(arrays["y_train"]),
             "reference": ray.put(load_reference(dataset, root, torch.device("cpu"), arrays)),
             "credentials": ray.put(tracking_credentials())}
 
@@ -370,12 +370,12 @@ def use_credentials(inputs: dict) -> None:
     os.environ.update(ray.get(inputs["credentials"]))
 
 
-def worker_shard(inputs: dict, rank: int, world: int) -> torch.Tensor:
-    """This rank's contiguous, equal-sized slice of the training images, as a tensor it owns."""
+def worker_shard(inputs: dict, rank: int, world: int, key: str = "x_train") -> torch.Tensor:
+    """This rank's contiguous, equal-sized slice of the training images (or ``y_train``, their labels)."""
     import ray
 
     # A copy: object-store arrays are read-only, and the slice should not pin the whole array.
-    return torch.from_numpy(np.array(shard(ray.get(inputs["x_train"]), rank, world)))
+    return torch.from_numpy(np.array(shard(ray.get(inputs[key]), rank, world)))
 
 
 def worker_reference(inputs: dict, dataset: str, device: torch.device):

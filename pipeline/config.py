@@ -55,6 +55,7 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     activation: Literal["leaky_relu", "relu", "tanh"] = "leaky_relu"  # mlp / toy1d hidden layers
     spectral_norm: bool = False
+    conditional: Literal["none", "concat", "projection"] = "none"  # class-conditional G and D (gan.conditioning)
 
 
 class TrainConfig(Section):
@@ -126,10 +127,16 @@ class MlflowConfig(Section):
 
 # Quality metrics a sweep can optimize, and whether lower or higher is better.
 METRIC_MODES = {"fid": "min", "kid": "min", "class_kl": "min", "inception_score": "max",
-                "class_coverage": "max", "precision": "max", "recall": "max"}
+                "class_coverage": "max", "precision": "max", "recall": "max", "cond_accuracy": "max"}
 # One-worker sweep trials per GPU when sweep.trials_per_gpu is null (docs/gpu.md says why 4).
 DEFAULT_TRIALS_PER_GPU = 4
-SweepableKey = Literal["lr_g", "lr_d", "d_steps", "g_steps", "loss", "label_smoothing", "batch_size"]
+SweepableKey = Literal["lr_g", "lr_d", "d_steps", "g_steps", "loss", "label_smoothing", "batch_size", "conditional"]
+MODEL_SWEEP_KEYS = ("conditional",)  # swept keys of the model section; the others are train.<key>
+
+
+def sweep_param(key: str) -> str:
+    """The params.yaml path a sweep dimension sets: model.conditional, train.lr_g, ..."""
+    return f"{'model' if key in MODEL_SWEEP_KEYS else 'train'}.{key}"
 DISTRIBUTIONS = ("choice", "loguniform", "uniform")
 
 
@@ -216,20 +223,31 @@ class Config(Section):
         toy = [d for d in self.data.datasets if d == "gaussian1d"]
         if self.model.name == "toy1d" and len(toy) != len(self.data.datasets):
             raise ValueError("model.name toy1d only trains the gaussian1d dataset")
+        swept = self.sweep is not None and "conditional" in self.sweep.space
+        trials = self.sweep.candidate_values()["conditional"] if swept else [self.model.conditional]
+        conditional = sorted({self.model.conditional, *trials} - {"none"})
+        if conditional and (self.model.name == "toy1d" or toy):
+            raise ValueError(f"model.conditional {conditional[0]} needs class labels: toy1d and gaussian1d "
+                             "have none (allowed there: none)")
+        if self.sweep is not None and self.sweep.metric == "cond_accuracy" and "none" in trials:
+            raise ValueError("sweep.metric cond_accuracy needs a conditional model in every trial "
+                             "(model.conditional or sweep.space.conditional: concat, projection)")
         return self
 
     @model_validator(mode="after")
     def _sweep_values_are_valid_train_values(self) -> "Config":
         if self.sweep is None:
             return self
-        base = self.train.model_dump()
         for key, values in self.sweep.candidate_values().items():
+            section = ModelConfig if key in MODEL_SWEEP_KEYS else TrainConfig
+            base = (self.model if key in MODEL_SWEEP_KEYS else self.train).model_dump()
             for value in values:
                 try:
-                    TrainConfig.model_validate({**base, key: value})
+                    section.model_validate({**base, key: value})
                 except ValidationError as err:
                     reason = err.errors()[0]["msg"].removeprefix("Value error, ")
-                    raise ValueError(f"sweep.space.{key}: {value!r} is not a valid train.{key}: {reason}") from None
+                    raise ValueError(f"sweep.space.{key}: {value!r} is not a valid {sweep_param(key)}: "
+                                     f"{reason}") from None
         return self
 
 

@@ -79,8 +79,9 @@ class RankZeroLogger:
         if self.toy:
             quality = toy_quality(trainer.sample(self.eval_samples), self.reference)
         else:
+            # A conditional model is asked for each class in turn: cond_accuracy and fid_class_<k> too.
             quality = evaluate(trainer.sample, self.evaluator, self.reference, n=self.cfg.train.eval_samples,
-                               device=self.device)
+                               device=self.device, conditional=trainer.num_classes > 0)
         quality = {k: float(v) for k, v in quality.items()}
         speed = result.images_per_sec * world
         # What the engine really runs with: the optimizers' current lrs and exact update counts.
@@ -109,7 +110,8 @@ class RankZeroLogger:
                 from PIL import Image
 
                 return np.asarray(Image.open(path).convert("RGB"))
-        return image_grid(trainer.sample(64, noise=trainer.fixed_noise), nrow=8)
+        # Fixed noise (and, for a conditional model, fixed labels: one row per class): each step is comparable.
+        return image_grid(trainer.sample(noise=trainer.fixed_noise, labels=trainer.fixed_labels), nrow=8)
 
     def write_outputs(self, trainer: GANTrainer, folder: Path, status: dict) -> None:
         torch.save({"state_dict": trainer.sampling_generator.state_dict(), "model": self.cfg.model.model_dump(),

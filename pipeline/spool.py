@@ -96,7 +96,9 @@ class SpooledClient:
 
         def write(folder: Path) -> None:
             torch.save(model, folder / "model.pt")
-            np.save(folder / "example.npy", input_example)
+            # one array, or a tuple of them for a model of several inputs (z, label)
+            examples = input_example if isinstance(input_example, tuple) else (input_example,)
+            np.savez(folder / "example.npz", *examples)
         self._submit({"op": "model", "run_id": run_id, "name": name, "signature": signature.to_dict(),
                       "pip_requirements": pip_requirements, "registered_model_name": registered_model_name}, write)
 

@@ -207,9 +207,11 @@ def _send_model(client: MlflowClient, run_id: str, record: dict, files: Path) ->
     if client.get_run(run_id).data.tags.get(TAG_MODEL_LOGGED) == record["name"]:
         return
     model = torch.load(files / "model.pt", weights_only=False)
+    with np.load(files / "example.npz") as saved:
+        examples = tuple(saved[f"arr_{i}"] for i in range(len(saved.files)))
     mlflow.set_tracking_uri(client.tracking_uri)
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name=record["name"], input_example=np.load(files / "example.npy"),
+        mlflow.pytorch.log_model(model, name=record["name"], input_example=examples if len(examples) > 1 else examples[0],
                                  signature=ModelSignature.from_dict(record["signature"]),
                                  pip_requirements=record["pip_requirements"],
                                  registered_model_name=record["registered_model_name"])

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline import cluster, gpu_share, resume, spool, tracking
-from pipeline.config import Config, ConfigError, apply_overrides, params_hash, validate
+from pipeline.config import Config, ConfigError, apply_overrides, params_hash, sweep_param, validate
 from pipeline.preprocess import load_processed
 from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.search import label_searched_by, optuna_trials, scheduler, search_algorithm, search_space
@@ -45,7 +45,7 @@ def output_paths(root: Path) -> dict[str, Path]:
 
 def trial_config(raw_params: dict, sweep_cfg, sampled: dict) -> Config:
     """The trial's full config: params.yaml with the sampled values and the sweep's budget applied."""
-    overrides = {f"train.{key}": value for key, value in sampled.items()}
+    overrides = {sweep_param(key): value for key, value in sampled.items()}
     overrides.update({"train.epochs": sweep_cfg.epochs, "train.checkpoint_every": 1,
                       "ray.num_workers": sweep_cfg.num_workers})
     return validate(apply_overrides(raw_params, overrides))
@@ -214,7 +214,9 @@ def best_vs_worst(table: pd.DataFrame, path: Path) -> bool:
         return False
     grids = [np.asarray(Image.open(Path(ranked.iloc[i]["checkpoint"]) / "samples.png").convert("L"))
              for i in (0, -1)]
-    gap = np.full((grids[0].shape[0], 8), 255, np.uint8)
+    height = max(grid.shape[0] for grid in grids)  # a conditional grid has a row per class
+    grids = [np.pad(grid, ((0, height - grid.shape[0]), (0, 0))) for grid in grids]
+    gap = np.full((height, 8), 255, np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.hstack([grids[0], gap, grids[1]])).save(path)
     return True
@@ -363,7 +365,10 @@ def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
         raise RuntimeError(f"no trial finished with a finite {sweep.metric}; see {paths['results']}")
     best = usable.iloc[0]
     overrides = {key: _plain(best[key]) for key in sweep.space}
-    paths["best"].write_text(yaml.safe_dump({"train": overrides}, sort_keys=False))
+    best_params: dict[str, dict] = {}  # by section: model.conditional beside the train keys
+    for key, value in overrides.items():
+        best_params.setdefault(sweep_param(key).split(".")[0], {})[key] = value
+    paths["best"].write_text(yaml.safe_dump(best_params, sort_keys=False))
     metric_figure(table, sweep.metric, paths["figure"])
     best_vs_worst(table, paths["grid"])
     epochs_run = table["epochs_run"].sum()
@@ -377,7 +382,7 @@ def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
     paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
     tracking.write_dvc_metrics(paths["metrics"], {key: summary[key] for key in (f"best_{sweep.metric}", "trials")})
     print(table.drop(columns=["checkpoint", "error"]).to_string(index=False))
-    command = " ".join(f"-S train.{key}={value}" for key, value in overrides.items())
+    command = " ".join(f"-S {sweep_param(key)}={value}" for key, value in overrides.items())
     print(f"\nbest {sweep.metric} {best[sweep.metric]:.4f} (trial {best['trial_id']}); "
           f"ASHA/PBT saved {summary['budget_saved']:.0%} of the epoch budget.\nTrain it:  dvc exp run {command}")
     return summary

@@ -89,7 +89,8 @@ def experiment_name(cfg: Config, dataset: str) -> str:
 
 def run_name(cfg: Config) -> str:
     t = cfg.train
-    return f"{cfg.model.name}-{t.loss}-d{t.d_steps}g{t.g_steps}"
+    conditional = "" if cfg.model.conditional == "none" else f"+{cfg.model.conditional}"  # dcgan+projection-...
+    return f"{cfg.model.name}{conditional}-{t.loss}-d{t.d_steps}g{t.g_steps}"
 
 
 def ensure_experiment(client: MlflowClient, name: str, root: Path) -> str:

@@ -39,6 +39,7 @@ from gan.parallel import GradientAllReduce
 from pipeline import cluster, estimate, resume, spool, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
+from pipeline.generate import model_example
 from pipeline.progress import EpochBar, checkpoint_callback, on_terminal
 from pipeline.preprocess import load_processed, processed_paths
 
@@ -61,7 +62,8 @@ def build_generator_and_discriminator(m: ModelConfig, dataset: str):
     """params.yaml's model section, built for the dataset's sample shape."""
     return build_models(m.name, shape=DATASETS[dataset].shape, latent_dim=m.latent_dim, hidden=tuple(m.hidden),
                         channels=m.channels, dropout=m.dropout, activation=m.activation,
-                        spectral_norm=m.spectral_norm)
+                        spectral_norm=m.spectral_norm, conditional=m.conditional,
+                        num_classes=len(DATASETS[dataset].classes))
 
 
 def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
@@ -115,9 +117,11 @@ def train_loop(loop_config: dict, session=None) -> None:
     generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
     # Several workers average their gradients in the engine; rank 0's initial weights go everywhere, as DDP did.
     gradient_sync = GradientAllReduce.broadcasting(generator, discriminator) if world > 1 else None
+    conditional = cfg.model.conditional != "none"  # the batches carry labels
+    labels = cluster.worker_shard(loop_config["inputs"], rank, world, "y_train").to(device) if conditional else None
     batches = DeviceBatches(cluster.worker_shard(loop_config["inputs"], rank, world).to(device),
                             cfg.train.worker_batch(world),
-                            seed=cfg.train.seed + rank)
+                            seed=cfg.train.seed + rank, labels=labels)
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()), device=device,
                          seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers,
                          gradient_sync=gradient_sync)
@@ -377,13 +381,13 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
         shutil.copy(folder / "rank0.pt", paths["checkpoint"])
         for name in ("losses", "quality", "samples"):
             shutil.copy(folder / f"{name}{paths[name].suffix}", paths[name])
-    keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall",
+    keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall", "cond_accuracy",
             "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
             "epoch", "step", "status", "cuda_graph", "graph_fallback_reason", "peak_memory_gib")
     summary = {k: status[k] for k in keys if k in status}
     summary["mlflow_run_id"] = run_id
     paths["report"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    comparable = ("fid", "kid", "inception_score", "class_coverage", "mean", "std", "wasserstein",
+    comparable = ("fid", "kid", "inception_score", "class_coverage", "cond_accuracy", "mean", "std", "wasserstein",
                   "images_per_sec", "mlflow_run_id")
     tracking.write_dvc_metrics(paths["metrics"], {k: summary[k] for k in comparable if k in summary})
     return summary
@@ -402,11 +406,15 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     # map_location: rank 0 saved CUDA tensors when it trained on a GPU; the model is exported from the CPU.
     generator.load_state_dict(torch.load(paths["generator"], weights_only=True, map_location="cpu")["state_dict"])
     generator.eval()
-    noise = torch.randn(4, cfg.model.latent_dim)
+    # A conditional generator takes (z, label): its signature names both inputs.
+    example = model_example(generator, cfg.model.latent_dim)
+    inputs = {name: value.numpy() for name, value in example.items()}
     with torch.no_grad():
-        signature = infer_signature(noise.numpy(), generator(noise).numpy())
+        output = generator(*example.values()).numpy()
+    signature = infer_signature(inputs if len(inputs) > 1 else inputs["z"], output)
     # Listed, not inferred: MLflow infers requirements by loading the model in a subprocess (~8 s a run).
     requirements = [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy")]
-    client.log_model(run_id, generator, name="generator", input_example=noise.numpy(), signature=signature,
+    client.log_model(run_id, generator, name="generator",
+                     input_example=tuple(inputs.values()) if len(inputs) > 1 else inputs["z"], signature=signature,
                      pip_requirements=requirements,
                      registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None)

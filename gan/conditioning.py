@@ -1,0 +1,190 @@
+"""Class-conditional GANs: label embeddings, conditional BatchNorm and a projection discriminator.
+
+``model.conditional`` picks how the class label enters both networks:
+
+- ``concat`` (Mirza & Osindero 2014): G sees cat([z, embedding(y)]); D sees its
+  input with the label joined: one-hot planes beside an image's channels, or the
+  one-hot vector beside a flattened sample (MLP).
+- ``projection`` (Miyato & Koyama 2018): G's BatchNorm layers become
+  class-conditional (per-class gain and bias, as in BigGAN); D's logit gains the
+  inner product of a label embedding with D's penultimate features. An MLP G has
+  no BatchNorm, so there the label joins z as in ``concat``.
+
+The wrappers keep the unconditional networks' building blocks, so every model of
+``gan.models.MODELS`` that sees images can be conditioned. Labels are int64 class
+indices on the models' device; drawing them is device work (``uniform_labels``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CONDITIONAL = ("none", "concat", "projection")
+
+
+def uniform_labels(n: int, num_classes: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """n class indices drawn uniformly, on the device (no host sync, capturable)."""
+    return torch.randint(num_classes, (n,), generator=generator, device=device)
+
+
+def class_rows(num_classes: int, per_class: int, device: torch.device | str = "cpu") -> Tensor:
+    """Labels of a grid with one row per class: 0 x per_class, 1 x per_class, ..."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+
+def label_args(labels: Tensor | None) -> tuple[Tensor, ...]:
+    """The extra call arguments of a model: (labels,) for a conditional one, none for the rest."""
+    return () if labels is None else (labels,)
+
+
+def split_batch(batch) -> tuple[Tensor, Tensor | None]:
+    """(images, labels) of a batch that is either an (images, labels) pair or images alone."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    return batch, None
+
+
+def split_batches(batches, conditional: bool) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Images and labels of several batches (labels None for an unconditional model, which ignores them)."""
+    pairs = [split_batch(batch) for batch in batches]
+    reals, labels = [images for images, _ in pairs], [y for _, y in pairs]
+    if not conditional:
+        return reals, None
+    if any(y is None for y in labels):
+        raise ValueError("a class-conditional model trains on (images, labels) batches; these have no labels")
+    return reals, labels
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without its own affine, then a per-class gain and bias (BigGAN's class-conditional BN).
+
+    Gains start near 1 (N(1, 0.02), the DCGAN init of BatchNorm scales) and biases at 0: close to
+    plain BatchNorm, with the classes already apart.
+    """
+
+    def __init__(self, norm: nn.BatchNorm2d, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=False)
+        self.gain = nn.Embedding(num_classes, norm.num_features)
+        self.bias = nn.Embedding(num_classes, norm.num_features)
+        nn.init.normal_(self.gain.weight, 1.0, 0.02)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        return self.norm(x) * self.gain(labels)[:, :, None, None] + self.bias(labels)[:, :, None, None]
+
+
+class LabelledSequential(nn.Sequential):
+    """A Sequential whose conditional BatchNorm layers also get the labels."""
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x, labels) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+        return x
+
+
+def with_conditional_batchnorm(net: nn.Sequential, num_classes: int) -> LabelledSequential:
+    """``net`` with every BatchNorm2d replaced by a ``ConditionalBatchNorm2d``."""
+    return LabelledSequential(*[ConditionalBatchNorm2d(layer, num_classes) if isinstance(layer, nn.BatchNorm2d)
+                                else layer for layer in net])
+
+
+def _check_labels(labels: Tensor | None, n: int) -> Tensor:
+    if labels is None:
+        raise ValueError("this model is class-conditional: pass the class labels")
+    if labels.shape != (n,):
+        raise ValueError(f"expected {n} labels of shape ({n},), got {tuple(labels.shape)}")
+    return labels
+
+
+class ConditionalGenerator(nn.Module):
+    """G(z, y): ``concat`` joins a label embedding to z; ``projection`` feeds the labels to conditional BN."""
+
+    def __init__(self, net: nn.Module, latent_dim: int, shape: Sequence[int], num_classes: int,
+                 embedding: nn.Embedding | None):
+        super().__init__()
+        self.net = net
+        self.embedding = embedding
+        self.latent_dim = latent_dim
+        self.shape = tuple(shape)
+        self.num_classes = num_classes
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        labels = _check_labels(labels, z.shape[0])
+        if self.embedding is not None:
+            out = self.net(torch.cat([z, self.embedding(labels).to(z.dtype)], 1))
+        else:
+            out = self.net(z, labels)
+        return out.reshape(z.shape[0], *self.shape)
+
+
+class ConcatDiscriminator(nn.Module):
+    """D(x, y) = D'(x with the one-hot label joined): as channel planes for images, as features for an MLP."""
+
+    def __init__(self, net: nn.Module, num_classes: int, as_planes: bool):
+        super().__init__()
+        self.net = net
+        self.num_classes = num_classes
+        self.as_planes = as_planes
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        labels = _check_labels(labels, x.shape[0])
+        one_hot = F.one_hot(labels, self.num_classes).to(x.dtype)
+        if self.as_planes:
+            planes = one_hot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+            return self.net(torch.cat([x, planes], 1)).reshape(-1)
+        return self.net(torch.cat([x.flatten(1), one_hot], 1)).reshape(-1)
+
+
+class ProjectionDiscriminator(nn.Module):
+    """D(x, y) = head(phi(x)) + <embed(y), phi(x)>, phi being D's penultimate (flattened) features."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear, num_classes: int):
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes, head.in_features)
+        nn.init.normal_(self.embedding.weight, 0.0, 0.02)
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        labels = _check_labels(labels, x.shape[0])
+        features = self.body(x)
+        return self.head(features).reshape(-1) + (self.embedding(labels).to(features.dtype) * features).sum(1)
+
+
+Builder = Callable[..., tuple[nn.Module, nn.Module]]
+
+
+def build_conditional(builder: Builder, conditional: str, num_classes: int, shape: tuple[int, ...],
+                      latent_dim: int, *args) -> tuple[ConditionalGenerator, nn.Module]:
+    """The (G, D) of an unconditional ``builder`` (``gan.models``), conditioned on ``num_classes`` classes.
+
+    ``args``: the builder's arguments after the latent size (hidden, channels, dropout, activation).
+    """
+    if conditional not in CONDITIONAL[1:]:
+        raise ValueError(f"unknown conditional {conditional!r}; allowed: {', '.join(CONDITIONAL)}")
+    if num_classes < 2:
+        raise ValueError(f"a conditional model needs at least 2 classes, got {num_classes}")
+    images = len(shape) == 3
+    base_g, _ = builder(shape, latent_dim, *args)
+    if conditional == "projection" and any(isinstance(m, nn.BatchNorm2d) for m in base_g.net):
+        generator = ConditionalGenerator(with_conditional_batchnorm(base_g.net, num_classes), latent_dim, shape,
+                                         num_classes, embedding=None)
+    else:  # concat, and projection for a G without BatchNorm: the label joins z
+        embed_dim = num_classes
+        joined_g, _ = builder(shape, latent_dim + embed_dim, *args)
+        generator = ConditionalGenerator(joined_g.net, latent_dim, shape, num_classes,
+                                         embedding=nn.Embedding(num_classes, embed_dim))
+    if conditional == "concat":
+        d_shape = (shape[0] + num_classes, *shape[1:]) if images else (math.prod(shape) + num_classes,)
+        _, joined_d = builder(d_shape, latent_dim, *args)
+        return generator, ConcatDiscriminator(joined_d.net, num_classes, as_planes=images)
+    _, base_d = builder(shape, latent_dim, *args)
+    body, head = base_d.net[:-1], base_d.net[-1]
+    return generator, ProjectionDiscriminator(body, head, num_classes)

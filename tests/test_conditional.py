@@ -1,0 +1,380 @@
+"""Class-conditional GANs on CPU: models x losses, labels through batches, graph path, DDP, resume, errors."""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from conftest import synthetic_split
+from gan.conditioning import ConditionalBatchNorm2d, ProjectionDiscriminator
+from gan.data import DeviceBatches, shard
+from gan.engine import METRICS, EngineConfig, GANTrainer
+from gan.graph import CapturedIteration
+from gan.models import build_models
+
+IMAGE = (1, 28, 28)
+SMALL = dict(latent_dim=16, hidden=(32, 64), channels=8)
+CLASSES = 10
+LOSS_NAMES = ["minimax", "ns", "wgan", "wgan_gp", "hinge"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def conditional_models(model: str = "dcgan", conditional: str = "projection", **kwargs):
+    torch.manual_seed(0)
+    return build_models(model, IMAGE, conditional=conditional, num_classes=CLASSES, **{**SMALL, **kwargs})
+
+
+def make_trainer(model: str = "dcgan", conditional: str = "projection", seed: int = 0, **config) -> GANTrainer:
+    generator, discriminator = conditional_models(model, conditional)
+    return GANTrainer(generator, discriminator, EngineConfig(**config), device="cpu", seed=seed)
+
+
+def labelled_data(n: int = 128, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = synthetic_split(n, seed=seed)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def labelled_batches(n: int = 128, batch_size: int = 16, seed: int = 3) -> DeviceBatches:
+    images, labels = labelled_data(n, seed)
+    return DeviceBatches(images, batch_size, seed=seed, labels=labels)
+
+
+# ---------------------------------------------------------------- models and losses
+
+
+@pytest.mark.parametrize("conditional", ["concat", "projection"])
+@pytest.mark.parametrize("model", ["mlp", "dcgan", "dcgan_upsample"])
+def test_conditional_models_map_latents_and_labels_to_images_and_logits(model, conditional):
+    generator, discriminator = conditional_models(model, conditional, spectral_norm=True)
+    labels = torch.arange(5)
+    images = generator(torch.randn(5, 16), labels)
+    assert images.shape == (5, *IMAGE) and images.abs().max() <= 1.0
+    assert discriminator(images, labels).shape == (5,)
+    assert generator.num_classes == discriminator.num_classes == CLASSES
+    # The label reaches both networks: other classes, other images and other logits for the same inputs.
+    generator.eval()
+    z = torch.randn(1, 16).expand(2, -1)
+    with torch.no_grad():
+        pair = generator(z, torch.tensor([0, 1]))
+        logits = discriminator(pair[:1].expand(2, -1, -1, -1), torch.tensor([2, 7]))
+    assert not torch.allclose(pair[0], pair[1])
+    assert not torch.isclose(logits[0], logits[1])
+
+
+def test_projection_uses_conditional_batchnorm_and_spectral_norm_on_its_embedding():
+    generator, discriminator = conditional_models("dcgan", "projection", spectral_norm=True)
+    assert any(isinstance(m, ConditionalBatchNorm2d) for m in generator.modules())
+    assert not any(type(m) is nn.BatchNorm2d and m.affine for m in generator.modules())
+    assert isinstance(discriminator, ProjectionDiscriminator)
+    assert nn.utils.parametrize.is_parametrized(discriminator.embedding, "weight")
+    for _ in range(30):  # power iterations in training mode converge to the largest singular value
+        discriminator(torch.randn(4, *IMAGE), torch.arange(4))
+    sigma = torch.linalg.matrix_norm(discriminator.embedding.weight.detach(), ord=2)
+    assert sigma == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("model, conditional", [("mlp", "concat"), ("mlp", "projection"), ("dcgan", "concat"),
+                                                ("dcgan", "projection"), ("dcgan_upsample", "concat"),
+                                                ("dcgan_upsample", "projection")])
+def test_conditional_models_train_with_every_loss(model, conditional, loss):
+    trainer = make_trainer(model, conditional, loss=loss, log_every=2)
+    result = trainer.train_epoch(labelled_batches(64))
+    assert result.steps == trainer.step == 4
+    assert set(result.metrics) == set(METRICS) and all(math.isfinite(v) for v in result.metrics.values())
+    assert trainer.sample(labels=torch.tensor([3, 3, 9])).shape == (3, *IMAGE)
+
+
+def test_wgan_gp_penalty_points_carry_the_real_labels(monkeypatch):
+    """The penalty is taken at (x_hat, y) pairs: D sees real, fake and interpolated images with labels."""
+    trainer = make_trainer("dcgan", "concat", loss="wgan_gp")
+    seen = []
+    forward = trainer.discriminator.forward
+    monkeypatch.setattr(trainer.discriminator, "forward",
+                        lambda x, y: seen.append((len(x), y.clone())) or forward(x, y))
+    images, labels = labelled_data(16)
+    trainer._d_update(images.float().unsqueeze(1) / 127.5 - 1, labels)
+    (n, given), = seen
+    assert n == 48 and torch.equal(given[:16], labels) and torch.equal(given[32:], labels)
+
+
+# ---------------------------------------------------------------- labels through the path
+
+
+def test_device_batches_pair_each_image_with_its_label_and_shuffle_as_without():
+    images, labels = labelled_data(64)
+    labelled = list(DeviceBatches(images, 16, seed=5, labels=labels))
+    plain = list(DeviceBatches(images, 16, seed=5))
+    lookup = {tuple(img.flatten().tolist()): int(y) for img, y in zip(images, labels)}
+    for (batch, batch_labels), unlabelled in zip(labelled, plain):
+        assert torch.equal(batch, unlabelled) and batch_labels.dtype == torch.int64
+        decoded = ((batch + 1) * 127.5).round().to(torch.uint8)[:, 0]
+        assert [lookup[tuple(img.flatten().tolist())] for img in decoded] == batch_labels.tolist()
+    with pytest.raises(ValueError, match=r"labels must be \(64,\)"):
+        DeviceBatches(images, 16, labels=labels[:10])
+    assert torch.equal(shard(labels, 1, 2), labels[32:])
+
+
+def test_fake_labels_are_uniform_device_draws_of_the_noise_generator():
+    trainer = make_trainer()
+    state = trainer.noise_generator.get_state()
+    labels = trainer.fake_labels(20_000)
+    assert labels.dtype == torch.int64 and labels.device == trainer.device
+    shares = torch.bincount(labels, minlength=CLASSES).double() / len(labels)
+    assert torch.allclose(shares, torch.full((CLASSES,), 0.1, dtype=torch.float64), atol=0.01)
+    trainer.noise_generator.set_state(state)
+    assert torch.equal(trainer.fake_labels(20_000), labels)
+    assert make_trainer("dcgan", "none").fake_labels(4) is None
+
+
+def test_fixed_samples_are_one_row_per_class():
+    trainer = make_trainer(g_ema=0.9)
+    assert trainer.fixed_labels.tolist() == [c for c in range(CLASSES) for _ in range(8)]
+    assert trainer.fixed_noise.shape == (80, 16)
+    assert trainer.sample(noise=trainer.fixed_noise, labels=trainer.fixed_labels).shape == (80, *IMAGE)
+
+
+@pytest.mark.parametrize("d_steps, g_steps", [(2, 1), (1, 3)])
+def test_d_g_ratio_and_d_pretraining_count_updates_with_labels(d_steps, g_steps):
+    trainer = make_trainer("mlp", "concat", d_steps=d_steps, g_steps=g_steps, d_pretrain_steps=2)
+    trainer.train_epoch(labelled_batches(128))  # 8 batches: 2 for pre-training, the rest in iterations
+    iterations = 6 // d_steps
+    assert (trainer.step, trainer.d_updates, trainer.g_updates) == (iterations, 2 + iterations * d_steps,
+                                                                    iterations * g_steps)
+
+
+class IndifferentCritic(nn.Module):
+    """Always logit 0 whatever the class: the generator has fooled it perfectly."""
+
+    num_classes = CLASSES
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, labels):
+        return x.flatten(1).sum(1) * 0 + self.weight * 0 + labels * 0
+
+
+def test_early_stop_with_labels():
+    generator, _ = conditional_models("mlp", "concat")
+    trainer = GANTrainer(generator, IndifferentCritic(), EngineConfig(early_stop_patience=2, log_every=1),
+                         device="cpu")
+    result = trainer.train_epoch(labelled_batches(128))
+    assert trainer.stopped_early and result.steps == 2
+
+
+def test_resume_with_labels_and_g_ema_is_bit_exact(tmp_path):
+    images, labels = labelled_data(128)
+    config = dict(loss="hinge", d_steps=2, log_every=2, g_ema=0.9)
+
+    def batches(seed: int = 3) -> DeviceBatches:
+        return DeviceBatches(images, 16, seed=seed, labels=labels)
+
+    straight, data = make_trainer(**config), batches()
+    straight.train_epoch(data)
+    expected = straight.train_epoch(data).history
+
+    first, data = make_trainer(**config), batches()
+    first.train_epoch(data)
+    first.save_checkpoint(tmp_path / "ckpt.pt", batches=data)
+    resumed, data = make_trainer(seed=9, **config), batches(seed=77)
+    resumed.load_checkpoint(tmp_path / "ckpt.pt", batches=data)
+    assert resumed.train_epoch(data).history == expected and expected
+    for a, b in [(straight.g_module, resumed.g_module), (straight.g_ema, resumed.g_ema)]:
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+    assert torch.equal(straight.sample(noise=straight.fixed_noise, labels=straight.fixed_labels),
+                       resumed.sample(noise=resumed.fixed_noise, labels=resumed.fixed_labels))
+
+
+def test_graph_path_copies_labels_into_a_static_buffer_and_trains_like_eager_mode():
+    """The CPU fallback check: a graph whose replay runs the iteration on its static buffers."""
+    eager = make_trainer(log_every=1)
+    expected = [eager.train_epoch(labelled_batches()).history for _ in range(2)]
+
+    trainer = make_trainer(log_every=1)
+    trainer.graph = CapturedIteration(trainer)
+    replayed_labels = []
+
+    def capture(static_reals, static_labels):
+        def replay():
+            replayed_labels.append(static_labels.clone())
+            return trainer._iteration(list(static_reals), list(static_labels))
+        return replay
+
+    trainer.graph.capture = capture
+    history = [trainer.train_epoch(labelled_batches()).history for _ in range(2)]
+    assert trainer.use_graph and trainer.graph_fallback_reason is None
+    assert history == expected
+    last_batch = list(labelled_batches())[-1][1]  # same seed, same shuffle: the second epoch's last batch
+    assert len(replayed_labels) == 16 - 3  # all but the warm-up iterations
+    assert torch.equal(replayed_labels[-1][0], last_batch)
+
+
+def test_graph_that_raises_falls_back_to_eager_with_labels():
+    trainer = make_trainer(log_every=1)
+    trainer.graph = CapturedIteration(trainer)
+
+    def capture(static_reals, static_labels):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    trainer.graph.capture = capture
+    with pytest.warns(RuntimeWarning, match="CUDA graph disabled"):
+        result = trainer.train_epoch(labelled_batches())
+    assert not trainer.use_graph and result.steps == 8
+
+
+def test_one_real_ddp_step_with_labels(tmp_path):
+    """One-process gloo DDP: the conditional D wrapper gets cat([real, fake]) and their labels in one forward."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        generator, discriminator = conditional_models("dcgan", "projection")
+        before = [p.detach().clone() for p in discriminator.parameters()]
+        trainer = GANTrainer(DDP(generator), DDP(discriminator), EngineConfig(log_every=1), device="cpu")
+        result = trainer.train_epoch(labelled_batches(32))
+        assert result.steps == 2 and all(math.isfinite(v) for v in result.metrics.values())
+        moved = [not torch.equal(a, b) for a, b in zip(before, trainer.d_module.parameters())]
+        assert all(moved)  # the projection embedding too: every D parameter got its gradient
+        del trainer  # the DDP reducers hold the process group: release them before it is destroyed
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unconditional_model_refuses_labels_and_conditional_one_needs_them():
+    generator, discriminator = build_models("dcgan", IMAGE, **SMALL)
+    with pytest.raises(ValueError, match="unconditional"):
+        generator(torch.randn(2, 16), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="unconditional"):
+        discriminator(torch.zeros(2, *IMAGE), torch.tensor([1, 2]))
+    conditional_g, _ = conditional_models()
+    with pytest.raises(ValueError, match="class-conditional: pass the class labels"):
+        conditional_g(torch.randn(2, 16))
+    images, _ = labelled_data(32)
+    with pytest.raises(ValueError, match="trains on \\(images, labels\\) batches"):
+        make_trainer().train_epoch(DeviceBatches(images, 16))
+    with pytest.raises(ValueError, match="allowed: none, concat, projection"):
+        build_models("dcgan", IMAGE, conditional="acgan", num_classes=10)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"model.name": "toy1d", "data.datasets": ["gaussian1d"], "model.conditional": "projection"},
+     "model.conditional projection needs class labels: toy1d and gaussian1d have none (allowed there: none)"),
+    ({"data.datasets": ["mnist", "gaussian1d"], "model.conditional": "concat"},
+     "model.conditional concat needs class labels"),
+    ({"model.conditional": "acgan"},
+     "model.conditional = 'acgan' is invalid: Input should be 'none', 'concat' or 'projection'"),
+    ({"sweep.metric": "cond_accuracy"}, "sweep.metric cond_accuracy needs a conditional model in every trial"),
+    ({"sweep.space": {"conditional": ["none", "acgan"]}},
+     "sweep.space.conditional: 'acgan' is not a valid model.conditional"),
+])
+def test_bad_conditional_settings_fail_in_one_line_naming_the_key(overrides, expected):
+    from conftest import REPO_ROOT
+    from pipeline.config import ConfigError, apply_overrides, read_params, validate
+
+    raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"), overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- sweeps and recipes
+
+
+def test_conditional_is_a_sweep_dimension_of_the_model_section(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from conftest import REPO_ROOT
+    from pipeline.config import apply_overrides, read_params, validate
+    from pipeline.search import search_space
+    from pipeline.sweep import best_vs_worst, trial_config
+
+    raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"),
+                          {"sweep.space": {"conditional": ["none", "projection"], "lr_g": [1e-4]}})
+    cfg = validate(raw)
+    assert search_space(cfg)["conditional"] == {"grid_search": ["none", "projection"]}
+    trial = trial_config(raw, cfg.sweep, {"conditional": "projection", "lr_g": 1e-4})
+    assert trial.model.conditional == "projection" and trial.train.lr_g == 1e-4
+    with pytest.raises(Exception, match="sweep.metric cond_accuracy needs a conditional model in every trial"):
+        validate(apply_overrides(raw, {"sweep.metric": "cond_accuracy"}))
+    swept = validate(apply_overrides(raw, {"sweep.metric": "cond_accuracy",
+                                           "sweep.space": {"conditional": ["concat", "projection"]}}))
+    assert swept.sweep.mode == "max"
+
+    # The best and worst grids side by side, though a conditional grid has more rows.
+    for name, rows in (("best", 10), ("worst", 8)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((2 + 30 * rows, 242), 128, np.uint8)).save(tmp_path / name / "samples.png")
+    table = pd.DataFrame({"checkpoint": [str(tmp_path / "best"), str(tmp_path / "worst")],
+                          "status": ["completed", "completed"]})
+    assert best_vs_worst(table, tmp_path / "grid.png")
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (302, 242 * 2 + 8)
+
+
+def test_recipes_have_the_conditional_rows():
+    import sys
+
+    import yaml
+
+    from conftest import REPO_ROOT
+
+    sys.path[:0] = [str(REPO_ROOT / "benchmarks")]
+    from recipes import rows
+
+    plan = rows(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), [])
+    assert {name: plan[name]["model"]["conditional"] for name in plan if "+" in name} == {
+        "default+concat": "concat", "default+projection": "projection", "pytorch-examples+concat": "concat"}
+    assert plan["pytorch-examples+concat"]["model"]["name"] == "dcgan"
+    assert plan["default"]["model"].get("conditional", "none") == "none"
+
+
+# ---------------------------------------------------------------- conditional metrics
+
+
+def test_conditional_accuracy_and_per_class_fid_tell_a_faithful_sampler_from_a_shifted_one():
+    from gan.data import to_unit_range
+    from gan.metrics import evaluate, real_reference, train_evaluator
+
+    x_train, y_train = synthetic_split(1000, seed=1)
+    x_test, y_test = synthetic_split(500, seed=2)
+    evaluator, _ = train_evaluator(x_train, y_train, x_test, y_test, epochs=2, batch_size=50, max_shift=0)
+    reference = real_reference(evaluator, x_test, y_test)
+    pool, pool_labels = synthetic_split(1000, seed=4)
+    by_class = [to_unit_range(torch.from_numpy(pool[pool_labels == k])).unsqueeze(1) for k in range(CLASSES)]
+
+    def sampler(shift: int):
+        def sample(n, labels):
+            return torch.stack([by_class[(int(k) + shift) % CLASSES][i % 100] for i, k in enumerate(labels)])
+        return sample
+
+    faithful = evaluate(sampler(0), evaluator, reference, n=500, batch_size=100, conditional=True)
+    shifted = evaluate(sampler(1), evaluator, reference, n=500, batch_size=100, conditional=True)
+    assert faithful["cond_accuracy"] >= 0.95 and shifted["cond_accuracy"] <= 0.05
+    for scores in (faithful, shifted):
+        per_class = [scores[f"cond_accuracy_{k}"] for k in range(CLASSES)]
+        assert np.mean(per_class) == pytest.approx(scores["cond_accuracy"])  # 50 samples per class
+    for k in range(CLASSES):  # the same images under other labels: far from class k's real images
+        assert faithful[f"fid_class_{k}"] * 5 < shifted[f"fid_class_{k}"]
+    assert faithful["fid"] == pytest.approx(shifted["fid"], rel=0.05)  # the overall mix is the same
+    assert "cond_accuracy" not in evaluate(lambda n: sampler(0)(n, torch.arange(n) % CLASSES), evaluator,
+                                           reference, n=200, batch_size=100)
