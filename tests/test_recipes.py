@@ -83,7 +83,7 @@ def test_a_preset_overrides_params_and_keeps_the_rest(tmp_path):
 
 
 def test_an_unknown_preset_is_one_line_naming_the_choices(capsys):
-    with pytest.raises(ConfigError, match=r"preset = 'dcgan-fancy' is not one of: dcgan-smooth, keras-upsample"):
+    with pytest.raises(ConfigError, match=r"preset = 'dcgan-fancy' is not one of: dcgan-smooth, demo, keras-upsample"):
         load_config(REPO_ROOT / "params.yaml", {"preset": "dcgan-fancy"})
     code = cli.main(["--params", str(REPO_ROOT / "params.yaml"), "train", "--dataset", "mnist",
                      "--preset", "dcgan-fancy"])
