@@ -1,6 +1,7 @@
 """The GAN training loop: D:G ratios, optimizers, LR decay, metrics, G-EMA, early stop.
 
-The CUDA graph of an iteration lives in ``gan.graph``; state and checkpoints in ``gan.checkpoint``.
+The CUDA graph of an iteration lives in ``gan.graph``; state and checkpoints in ``gan.checkpoint``;
+noise and sampling in ``gan.sampling``.
 
 One *iteration* (``GANTrainer.step`` counts them) is ``d_steps`` discriminator
 updates followed by ``g_steps`` generator updates. Each D update consumes one
@@ -28,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from gan.checkpoint import TrainerState
-from gan.conditioning import class_rows, label_args, split_batch, split_batches, uniform_labels
+from gan.conditioning import class_rows, label_args, split_batch, split_batches
 from gan.graph import CapturedIteration
 from gan.losses import LOSSES, clip_weights, interpolate, penalty_at
+from gan.sampling import Sampling
 
 # The order of the metrics tensor that every iteration produces: D's five, then G's two.
 D_METRICS = ("loss_d", "d_real", "d_fake", "d_acc", "grad_norm_d")
@@ -128,7 +130,7 @@ def _optimizer(kind: str, parameters, lr: float, betas: tuple[float, float], cap
     return torch.optim.SGD(parameters, lr=lr)  # stateless: safe to capture as it is
 
 
-class GANTrainer(TrainerState):
+class GANTrainer(TrainerState, Sampling):
     """Trains a (generator, discriminator) pair; either may be wrapped in DistributedDataParallel.
 
     Under DDP each wrapper is called exactly once per its own update, with one
@@ -217,49 +219,6 @@ class GANTrainer(TrainerState):
         self.graph_fallback_reason = self.graph.fallback_reason
         self.graph = None
         self._capturable = False
-
-    # ---------------------------------------------------------------- noise and sampling
-
-    def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n latent vectors: N(0, 1), or U[-1, 1] for ``noise="uniform"``."""
-        generator = generator or self.noise_generator
-        shape = (n, self.latent_dim)
-        if self.config.noise == "uniform":
-            return torch.rand(shape, generator=generator, device=self.device) * 2 - 1
-        return torch.randn(shape, generator=generator, device=self.device)
-
-    def fake_labels(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
-        """n class labels drawn uniformly on the device for a conditional model; None otherwise."""
-        if not self.num_classes:
-            return None
-        return uniform_labels(n, self.num_classes, generator or self.noise_generator, self.device)
-
-    @property
-    def sampling_generator(self) -> nn.Module:
-        """The G that samples, evaluates and is exported: the moving average when ``g_ema`` is on."""
-        return self.g_ema if self.g_ema is not None else self.g_module
-
-    @torch.no_grad()
-    def sample(self, n: int | None = None, noise: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
-        """n fresh samples, or G(noise), in eval mode (BatchNorm running statistics); G's mode is restored after.
-
-        A conditional model samples ``labels`` (uniform classes when not given).
-        """
-        if noise is None:
-            noise = self.noise(n if labels is None else len(labels), self.sample_generator)
-        if labels is None:
-            labels = self.fake_labels(len(noise), self.sample_generator)
-        generator = self.sampling_generator
-        was_training = generator.training
-        generator.eval()
-        try:
-            return generator(noise.to(self.device), *label_args(None if labels is None else labels.to(self.device)))
-        finally:
-            generator.train(was_training)
-
-    def generate(self, n: int, batch_size: int = 1000) -> Tensor:
-        """n samples on the trainer's device, drawn ``batch_size`` at a time."""
-        return torch.cat([self.sample(min(batch_size, n - start)) for start in range(0, n, batch_size)])
 
     # ---------------------------------------------------------------- one iteration
 
