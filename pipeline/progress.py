@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 
 def on_terminal() -> bool:
@@ -86,3 +87,15 @@ def sweep_callback(total: int, metric: str, mode: str):
             self.bar.close()
 
     return SweepBar()
+
+
+class Stopwatch:
+    """Seconds per named stretch of the driver's work, one lap after another."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self._last = now - self._last, now

@@ -211,3 +211,24 @@ def serve_ui(root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
         server.terminate()
         server.wait()
         return 0
+
+
+def log_generator(client, run_id: str, generator, latent_dim: int, registered_name: str | None) -> None:
+    """The generator as an MLflow model (registered when a name is given); a conditional one takes (z, label)."""
+    from importlib.metadata import version
+
+    import torch
+    from mlflow.models import infer_signature
+
+    from pipeline.generate import model_example
+
+    example = model_example(generator, latent_dim)
+    inputs = {name: value.numpy() for name, value in example.items()}
+    with torch.no_grad():
+        output = generator(*example.values()).numpy()
+    signature = infer_signature(inputs if len(inputs) > 1 else inputs["z"], output)
+    # Listed, not inferred: MLflow infers requirements by loading the model in a subprocess (~8 s a run).
+    requirements = [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy")]
+    client.log_model(run_id, generator, name="generator",
+                     input_example=tuple(inputs.values()) if len(inputs) > 1 else inputs["z"], signature=signature,
+                     pip_requirements=requirements, registered_model_name=registered_name)

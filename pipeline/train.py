@@ -26,7 +26,6 @@ import logging
 import shutil
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -39,8 +38,7 @@ from gan.parallel import GradientAllReduce
 from pipeline import cluster, estimate, resume, spool, tracking
 from pipeline.config import Config, ModelConfig, params_hash, validate
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
-from pipeline.generate import model_example
-from pipeline.progress import EpochBar, checkpoint_callback, on_terminal
+from pipeline.progress import EpochBar, Stopwatch, checkpoint_callback, on_terminal
 from pipeline.preprocess import load_processed, processed_paths
 
 
@@ -341,18 +339,6 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     return summary
 
 
-class Stopwatch:
-    """Seconds per named stretch of the driver's work, one lap after another."""
-
-    def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name], self._last = now - self._last, now
-
-
 def _write_timings(dataset: str, root: Path, laps: dict, worker: dict | None, fit_called: float) -> None:
     """The end-of-run report's ``timings``: where the stage's seconds went, fit() split by rank 0's figures."""
     timings = dict(laps)
@@ -395,8 +381,6 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
 
 def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: Path) -> None:
     """The checkpoint, the real-data reference picture and the generator as a registered model."""
-    from mlflow.models import infer_signature
-
     paths = output_paths(dataset, root)
     client.log_artifact(run_id, str(paths["checkpoint"]), artifact_path="checkpoint")
     real_png = root / processed_paths(dataset)["png"]
@@ -405,16 +389,5 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     generator, _ = build_generator_and_discriminator(cfg.model, dataset)
     # map_location: rank 0 saved CUDA tensors when it trained on a GPU; the model is exported from the CPU.
     generator.load_state_dict(torch.load(paths["generator"], weights_only=True, map_location="cpu")["state_dict"])
-    generator.eval()
-    # A conditional generator takes (z, label): its signature names both inputs.
-    example = model_example(generator, cfg.model.latent_dim)
-    inputs = {name: value.numpy() for name, value in example.items()}
-    with torch.no_grad():
-        output = generator(*example.values()).numpy()
-    signature = infer_signature(inputs if len(inputs) > 1 else inputs["z"], output)
-    # Listed, not inferred: MLflow infers requirements by loading the model in a subprocess (~8 s a run).
-    requirements = [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy")]
-    client.log_model(run_id, generator, name="generator",
-                     input_example=tuple(inputs.values()) if len(inputs) > 1 else inputs["z"], signature=signature,
-                     pip_requirements=requirements,
-                     registered_model_name=f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None)
+    tracking.log_generator(client, run_id, generator.eval(), cfg.model.latent_dim,
+                           f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None)
