@@ -130,7 +130,9 @@ def tool_env() -> dict[str, str]:
            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
            "DVC_NO_ANALYTICS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri() in a test process exports it
+    # mlflow.set_tracking_uri() / set_registry_uri() in a test process export these: a stage must use its own store
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     return env
 
 
