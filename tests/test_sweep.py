@@ -104,7 +104,10 @@ def test_killed_optuna_sweep_resumes_without_training_finished_trials_again(tmp_
                                       "d_steps": [1, 2]})
         repo = make_dvc_repo(tmp_path / "repo", params)
         run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-        process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=tool_env(), text=True,
+        # Tune saves its experiment state every 10 s or more by default: a whole sweep could end in between.
+        # Saved every second, the first finished trial shows while the others still have to run.
+        env = {**tool_env(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+        process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=env, text=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             # Tune's saved experiment state records the first finished trial: kill the whole process group then.
