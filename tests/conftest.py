@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +189,15 @@ def sweep_params(mirror_url: str) -> dict:
 
 
 HUGE_LR = 1.0e30  # SGD at this rate overflows within a few steps: that trial must diverge
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: bit-exact comparisons need a fixed count, and tiny models only contend."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,7 @@ CLASSES = 10
 LOSS_NAMES = ["minimax", "ns", "wgan", "wgan_gp", "hinge"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, bit-exact comparisons
 
 
 def conditional_models(model: str = "dcgan", conditional: str = "projection", **kwargs):

@@ -23,12 +23,7 @@ SMALL = dict(latent_dim=16, hidden=(32, 64), channels=8)
 LOSS_NAMES = ["minimax", "ns", "wgan", "wgan_gp", "hinge"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, bit-exact comparisons
 
 
 def make_trainer(model: str = "mlp", shape=IMAGE, seed: int = 0, dropout: float = 0.0, **config) -> GANTrainer:

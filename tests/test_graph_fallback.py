@@ -17,12 +17,7 @@ from gan.graph import CapturedIteration
 from gan.models import build_models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-exact comparisons need one fixed thread count
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, bit-exact comparisons
 
 
 def make_trainer() -> GANTrainer:

@@ -20,12 +20,7 @@ from pipeline.train import build_generator_and_discriminator
 PRESETS = ["dcgan-smooth", "keras-upsample", "mlp-5-50", "pytorch-examples", "vanilla-mlp", "wgan-clip"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, bit-exact comparisons
 
 
 def batches(n: int, size: int = 16, seed: int = 0) -> list[torch.Tensor]:
