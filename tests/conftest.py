@@ -137,6 +137,33 @@ def tool_env() -> dict[str, str]:
     return env
 
 
+def repo_mlflow_client(repo: Path):
+    """A client for the repo's own MLflow store, for its runs and its registry alike.
+
+    It sets mlflow's process-wide URIs too, for ``models:/`` look-ups; ``mlflow_uris_reset`` undoes that.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+@pytest.fixture(autouse=True)
+def mlflow_uris_reset():
+    """mlflow's tracking and registry URIs are process-wide: one test's store must not answer the next one's calls."""
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+        from mlflow.tracking._model_registry import utils as registry_utils
+
+        mlflow.set_tracking_uri(None)
+        registry_utils._registry_uri = None  # set_registry_uri(None) would keep the exported variable
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
 def run_cmd(args: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

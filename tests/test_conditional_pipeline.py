@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_dvc_repo, project_params, run_cmd, serve_mirror
+from conftest import make_dvc_repo, project_params, repo_mlflow_client, run_cmd, serve_mirror
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +34,6 @@ def conditional_repo(tmp_path_factory):
     return repo
 
 
-def mlflow_client(repo):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, registry_uri=uri)
-
-
 def test_conditional_run_reports_conditional_accuracy_and_per_class_fid(conditional_repo):
     repo = conditional_repo
     summary = json.loads((repo / "metrics/train/mnist.json").read_text())
@@ -51,7 +41,7 @@ def test_conditional_run_reports_conditional_accuracy_and_per_class_fid(conditio
     dvc_metric = json.loads((repo / "metrics/mnist/train.json").read_text())
     assert dvc_metric["cond_accuracy"] == pytest.approx(summary["cond_accuracy"])
 
-    client = mlflow_client(repo)
+    client = repo_mlflow_client(repo)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["model.conditional"] == "projection" and run.info.run_name == "dcgan+projection-ns-d1g1"
     history = client.get_metric_history(run.info.run_id, "quality/cond_accuracy")
@@ -72,7 +62,7 @@ def test_conditional_run_reports_conditional_accuracy_and_per_class_fid(conditio
 def test_registered_model_takes_z_and_label_and_draws_the_chosen_class(conditional_repo):
     import mlflow.pytorch
 
-    client = mlflow_client(conditional_repo)
+    client = repo_mlflow_client(conditional_repo)
     (version,) = client.search_model_versions("name='ganpipe-mnist-generator'")
     info = mlflow.models.get_model_info(f"models:/ganpipe-mnist-generator/{version.version}")
     inputs = info.signature.inputs.to_dict()

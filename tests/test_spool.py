@@ -129,7 +129,7 @@ def freeze(server: MlflowServer, seconds: float) -> None:
 def assert_run_complete(uri: str, repo, epochs: int) -> str:
     """Every epoch's point and grid, each once, the model registered once, the run FINISHED; returns its id."""
     run_id = json.loads((repo / "metrics/train/mnist.json").read_text())["mlflow_run_id"]
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_STATUS] == "completed"
     assert resume.TAG_RESUMED not in run.data.tags  # no worker restart was spent

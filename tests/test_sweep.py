@@ -107,19 +107,22 @@ def test_killed_optuna_sweep_resumes_without_training_finished_trials_again(tmp_
         # Tune saves its experiment state every 10 s or more by default: a whole sweep could end in between.
         # Saved every second, the first finished trial shows while the others still have to run.
         env = {**tool_env(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-        process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=env, text=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        log = tmp_path / "killed-sweep.log"
+        with open(log, "w") as output:
+            process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=env, text=True, stdout=output,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         try:
             # Tune's saved experiment state records the first finished trial: kill the whole process group then.
             finished = lambda: any("TERMINATED" in path.read_text()  # noqa: E731
                                    for path in (repo / "ray_results").glob("sweep-mnist-*/experiment_state-*.json"))
             wait_until(finished, 600, "a finished trial in the sweep's saved state", process)
+            assert process.poll() is None, f"the sweep ended before the kill:\n{log.read_text()[-4000:]}"
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
         finally:
             end_process_tree(process)
         rerun = run_cmd(["dvc", "repro", "sweep"], repo)
-    assert "resuming the interrupted sweep" in rerun.stdout
+    assert "resuming the interrupted sweep" in rerun.stdout, f"{log.read_text()[-3000:]}\n---\n{rerun.stdout[-3000:]}"
 
     table = pd.read_csv(repo / "sweep/results.csv")
     assert len(table) == 3 and table["trial_id"].is_unique and set(table["status"]) == {"completed"}

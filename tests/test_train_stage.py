@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import end_process_tree, make_dvc_repo, project_params, read_until, run_cmd, serve_mirror, tool_env
+from conftest import (end_process_tree, make_dvc_repo, project_params, read_until, repo_mlflow_client, run_cmd,
+                      serve_mirror, tool_env)
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +30,6 @@ def small_params(mirror_url: str, **train) -> dict:
         evaluator={"epochs": 5, "batch_size": 32},
         ray={"num_workers": 2, "use_gpu": False, "max_failures": 2},
     )
-
-
-def mlflow_client(repo):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, registry_uri=uri)
 
 
 def only_run(client, dataset="mnist"):
@@ -85,7 +76,7 @@ def test_dvc_repro_trains_logs_and_writes_outputs(trained, tmp_path):
     assert checkpoint["epoch"] == EPOCHS
 
     # MLflow: params, curves, images, registered model
-    client = mlflow_client(repo)
+    client = repo_mlflow_client(repo)
     run = only_run(client)
     assert run.info.run_id == summary["mlflow_run_id"]
     assert run.info.status == "FINISHED" and run.info.run_name == "dcgan-ns-d1g1"
@@ -190,7 +181,7 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(traine
         process.wait(timeout=60)
     finally:
         end_process_tree(process)
-    client = mlflow_client(repo)
+    client = repo_mlflow_client(repo)
     killed = client.search_runs([client.get_experiment_by_name("ganpipe-mnist").experiment_id])
     assert len(killed) == 1 and killed[0].info.status == "RUNNING"  # nothing could end it
     stale_id = stale_run(client, "train@mnist")
@@ -236,7 +227,7 @@ def test_diverged_run_is_marked_failed_with_reason(mirror, tmp_path):
     result = run_cmd(["ganpipe", "train", "--dataset", "mnist"], repo, check=False)
     assert result.returncode == 1
     assert "diverged" in result.stderr and "Traceback" not in result.stderr
-    run = only_run(mlflow_client(repo))
+    run = only_run(repo_mlflow_client(repo))
     assert run.info.status == "FAILED"
     assert run.data.tags["ganpipe.status"] == "diverged"
     assert "step" in run.data.tags["ganpipe.failure_reason"]
@@ -257,7 +248,7 @@ def test_gaussian1d_pipeline_learns_the_distribution(tmp_path):
     assert summary["wasserstein"] < 0.3
     quality = pd.read_csv(repo / "plots/quality/gaussian1d.csv")
     assert list(quality["epoch"]) == [1, 2, 3]
-    client = mlflow_client(repo)
+    client = repo_mlflow_client(repo)
     run = only_run(client, "gaussian1d")
     densities = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert sum("samples" in path for path in densities) >= 3  # the density plot, once per epoch
