@@ -41,8 +41,9 @@ demo: setup
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# Two workers: most tests wait on Ray, DVC and MLflow processes more than they compute (docs/testing.md).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 clean-venv:
 	rm -rf $(VENV)

@@ -137,6 +137,29 @@ def tool_env() -> dict[str, str]:
     return env
 
 
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). A group runs on one worker, so a
+# module's shared fixtures are built once: each module is a group, and the tests that read the swept repository
+# form one more. The slowest groups are handed out first, so neither worker is left with a long tail.
+SLOW_GROUPS_FIRST = ["test_cluster", "test_train_stage", "swept", "test_spool", "test_user_view", "test_sweep",
+                     "test_conditional_pipeline", "test_ddp"]
+
+
+def xdist_group(item: pytest.Item) -> str:
+    module = item.module.__name__
+    return "swept" if "swept_repo" in item.fixturenames or module == "test_ui" else module
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        group = xdist_group(item)
+        return SLOW_GROUPS_FIRST.index(group) if group in SLOW_GROUPS_FIRST else len(SLOW_GROUPS_FIRST)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    items.sort(key=rank)  # stable: the order within a group stays
+
+
 def repo_mlflow_client(repo: Path):
     """A client for the repo's own MLflow store, for its runs and its registry alike.
 
