@@ -78,9 +78,12 @@ class RayTrainSession:
     def __init__(self, use_gpu: bool):
         import ray.train
         import ray.train.torch
+        from ray.train.v2._internal.execution import context as train_context
 
-        # Ray Train logs every report in full at INFO; rank 0's epoch line says what matters.
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        # Ray Train logs every report in full at INFO, once per rank; rank 0's epoch line says what matters.
+        # The report's logger is named after its file, outside the "ray.train" tree.
+        for name in ("ray.train", train_context.__file__):
+            logging.getLogger(name).setLevel(logging.WARNING)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
