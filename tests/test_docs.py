@@ -182,7 +182,7 @@ def test_the_demo_configuration_is_small_and_valid(demo_command):
     assert cfg.evaluator.epochs <= 2
     assert cfg.data.mirrors == load_config(REPO_ROOT / "params.yaml").data.mirrors  # params.yaml's mirrors
     assert cfg.model.name == "dcgan" and cfg.model.channels <= 32
-    assert cfg.train.epochs <= 3 and cfg.train.eval_samples <= 2000
+    assert cfg.train.epochs <= 6 and cfg.train.eval_samples <= 2000
     grid = cfg.sweep.scheduler != "pbt" and cfg.sweep.search == "random"
     assert 2 <= trial_count(cfg.sweep.space, cfg.sweep.num_samples, grid) <= 4
     assert cfg.sweep.epochs == 1
