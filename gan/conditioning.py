@@ -2,13 +2,13 @@
 
 ``model.conditional`` picks how the class label enters both networks:
 
-- ``concat`` (Mirza & Osindero 2014): G sees cat([z, embedding(y)]); D sees its
-  input with the label joined: one-hot planes beside an image's channels, or the
-  one-hot vector beside a flattened sample (MLP).
-- ``projection`` (Miyato & Koyama 2018): G's BatchNorm layers become
-  class-conditional (per-class gain and bias, as in BigGAN); D's logit gains the
-  inner product of a label embedding with D's penultimate features. An MLP G has
-  no BatchNorm, so there the label joins z as in ``concat``.
+- ``concat`` (Mirza & Osindero 2014): G sees cat([z, embedding(y)]) (a learned
+  ``LABEL_EMBEDDING``-wide vector); D sees its input with the label joined: one-hot
+  planes beside an image's channels, or the one-hot vector beside a flattened sample (MLP).
+- ``projection`` (Miyato & Koyama 2018): G sees cat([z, embedding(y)]) as in
+  ``concat`` and its BatchNorm layers become class-conditional (per-class gain and
+  bias, as in BigGAN-deep); D's logit gains the inner product of a label embedding
+  with D's penultimate features. An MLP G has no BatchNorm: there G is ``concat``'s.
 
 The wrappers keep the unconditional networks' building blocks, so every model of
 ``gan.models.MODELS`` that sees images can be conditioned. Labels are int64 class
