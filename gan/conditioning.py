@@ -2,13 +2,13 @@
 
 ``model.conditional`` picks how the class label enters both networks:
 
-- ``concat`` (Mirza & Osindero 2014): G sees cat([z, embedding(y)]); D sees its
-  input with the label joined: one-hot planes beside an image's channels, or the
-  one-hot vector beside a flattened sample (MLP).
-- ``projection`` (Miyato & Koyama 2018): G's BatchNorm layers become
-  class-conditional (per-class gain and bias, as in BigGAN); D's logit gains the
-  inner product of a label embedding with D's penultimate features. An MLP G has
-  no BatchNorm, so there the label joins z as in ``concat``.
+- ``concat`` (Mirza & Osindero 2014): G sees cat([z, embedding(y)]) (a learned
+  ``LABEL_EMBEDDING``-wide vector); D sees its input with the label joined: one-hot
+  planes beside an image's channels, or the one-hot vector beside a flattened sample (MLP).
+- ``projection`` (Miyato & Koyama 2018): G sees cat([z, embedding(y)]) as in
+  ``concat`` and its BatchNorm layers become class-conditional (per-class gain and
+  bias, as in BigGAN-deep); D's logit gains the inner product of a label embedding
+  with D's penultimate features. An MLP G has no BatchNorm: there G is ``concat``'s.
 
 The wrappers keep the unconditional networks' building blocks, so every model of
 ``gan.models.MODELS`` that sees images can be conditioned. Labels are int64 class
@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CONDITIONAL = ("none", "concat", "projection")
+# G's label embedding joins z (100 wide by default). At 10 wide (one per class) the label was a tenth of the
+# input and G learned to follow it slowly (cond accuracy ~0.35 after 300 MNIST updates); at 64, ~0.75.
+LABEL_EMBEDDING = 64
 
 
 def uniform_labels(n: int, num_classes: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -117,9 +120,8 @@ class ConditionalGenerator(nn.Module):
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         labels = _check_labels(labels, z.shape[0])
         if self.embedding is not None:
-            out = self.net(torch.cat([z, self.embedding(labels).to(z.dtype)], 1))
-        else:
-            out = self.net(z, labels)
+            z = torch.cat([z, self.embedding(labels).to(z.dtype)], 1)
+        out = self.net(z, labels) if isinstance(self.net, LabelledSequential) else self.net(z)
         return out.reshape(z.shape[0], *self.shape)
 
 
@@ -172,15 +174,17 @@ def build_conditional(builder: Builder, conditional: str, num_classes: int, shap
     if num_classes < 2:
         raise ValueError(f"a conditional model needs at least 2 classes, got {num_classes}")
     images = len(shape) == 3
-    base_g, _ = builder(shape, latent_dim, *args)
-    if conditional == "projection" and any(isinstance(m, nn.BatchNorm2d) for m in base_g.net):
-        generator = ConditionalGenerator(with_conditional_batchnorm(base_g.net, num_classes), latent_dim, shape,
-                                         num_classes, embedding=None)
-    else:  # concat, and projection for a G without BatchNorm: the label joins z
-        embed_dim = num_classes
-        joined_g, _ = builder(shape, latent_dim + embed_dim, *args)
-        generator = ConditionalGenerator(joined_g.net, latent_dim, shape, num_classes,
-                                         embedding=nn.Embedding(num_classes, embed_dim))
+    # The label always joins z. With conditional BatchNorm alone (the first version of ``projection``) the
+    # classes start identical (gains N(1, 0.02), biases 0) and Adam moves each per-class gain by about lr
+    # per update, so after 600 updates at lr 2e-4 the classes differ by ~0.1 of a unit-variance activation:
+    # conditional accuracy stayed at chance. BigGAN-deep, too, feeds the class embedding to the first layer.
+    embed_dim = LABEL_EMBEDDING
+    joined_g, _ = builder(shape, latent_dim + embed_dim, *args)
+    net = joined_g.net
+    if conditional == "projection" and any(isinstance(m, nn.BatchNorm2d) for m in net):
+        net = with_conditional_batchnorm(net, num_classes)  # and every BatchNorm is class-conditional
+    generator = ConditionalGenerator(net, latent_dim, shape, num_classes,
+                                     embedding=nn.Embedding(num_classes, embed_dim))
     if conditional == "concat":
         d_shape = (shape[0] + num_classes, *shape[1:]) if images else (math.prod(shape) + num_classes,)
         _, joined_d = builder(d_shape, latent_dim, *args)
