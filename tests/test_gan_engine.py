@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 from pathlib import Path
 
@@ -241,6 +242,10 @@ def test_trains_ddp_wrapped_modules(tmp_path, loss):
         assert result.steps == 4 and all(math.isfinite(v) for v in result.metrics.values())
         assert reduced == [(len(METRICS),)] * 3  # two windows and the epoch means
         assert not any(key.startswith("module.") for key in trainer.state_dict()["generator"])
+        # The DDP reducers hold the process group: freed after destroy_process_group(), gloo's destructor can
+        # wait forever on its worker threads. Free them first.
+        del trainer, generator, discriminator
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
