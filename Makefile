@@ -41,9 +41,10 @@ demo: setup
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# Two workers: most tests wait on Ray, DVC and MLflow processes more than they compute (docs/testing.md).
+# One worker; PYTEST_ARGS="-n 2 --dist loadgroup" runs two at a time (docs/testing.md).
+PYTEST_ARGS ?=
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
