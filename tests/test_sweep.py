@@ -144,8 +144,10 @@ def test_killed_optuna_sweep_resumes_without_training_finished_trials_again(tmp_
     assert sorted(m.step for m in fids) == [1, 2]  # trained once: no epoch logged twice
 
     study = pd.read_csv(client.download_artifacts(parents[0].info.run_id, "optuna_trials.csv", str(tmp_path)))
-    assert list(study["number"]) == [0, 1, 2, 3] and set(study["state"]) == {"COMPLETE"}
-    assert sorted(study["value"]) == pytest.approx(sorted(table["fid"]))  # Optuna was told every trial's FID
+    # A trial the kill interrupted may stay in the study beside the one that replaced it, never as COMPLETE.
+    complete = study[study["state"] == "COMPLETE"]
+    assert len(complete) == 4 and len(study) <= 5 and list(study["number"]) == list(range(len(study)))
+    assert sorted(complete["value"]) == pytest.approx(sorted(table["fid"]))  # Optuna was told every trial's FID
 
 
 def test_trial_config_applies_every_sampled_value():
