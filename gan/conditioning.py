@@ -106,10 +106,10 @@ def _check_labels(labels: Tensor | None, n: int) -> Tensor:
 
 
 class ConditionalGenerator(nn.Module):
-    """G(z, y): ``concat`` joins a label embedding to z; ``projection`` feeds the labels to conditional BN."""
+    """G(z, y): a label embedding joins z; with ``projection`` the labels also feed conditional BN."""
 
     def __init__(self, net: nn.Module, latent_dim: int, shape: Sequence[int], num_classes: int,
-                 embedding: nn.Embedding | None):
+                 embedding: nn.Embedding):
         super().__init__()
         self.net = net
         self.embedding = embedding
@@ -119,8 +119,7 @@ class ConditionalGenerator(nn.Module):
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         labels = _check_labels(labels, z.shape[0])
-        if self.embedding is not None:
-            z = torch.cat([z, self.embedding(labels).to(z.dtype)], 1)
+        z = torch.cat([z, self.embedding(labels).to(z.dtype)], 1)
         out = self.net(z, labels) if isinstance(self.net, LabelledSequential) else self.net(z)
         return out.reshape(z.shape[0], *self.shape)
 
