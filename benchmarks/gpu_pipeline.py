@@ -18,6 +18,13 @@ The JSON is rewritten after every section, so a cut-off run keeps what it measur
   export       the generator that the run registered, loaded on the CPU by ``ganpipe sample --mlflow-run``
   sweep        the same 8-trial, 2-epoch sweep at each ``sweep.trials_per_gpu``: ``wall_s``,
                ``trials_per_hour``, ``trials_finished``, peak memory per trial process
+  conditional_train
+               the train stage again with ``model.conditional: concat`` at the same budget: FID and
+               ``cond_accuracy`` per epoch, and a grid of one row per class drawn on the CPU
+
+Sweeps run at 1, 8 and 4 trials per GPU, then the conditional run, then 2; no section starts after
+``--deadline-s`` (460 s), so that the run ends inside the machine's 8 minutes with what it measured.
+Pictures (the exported generator's grid, the per-class grid) land beside the JSON.
 
 The printed table checks issue 18's targets: fixed cost <= 15% + 20 s per stage, train >= 80% of the
 engine's img/s, the best trials_per_gpu >= 3x the sweep throughput of one trial per GPU, and
@@ -193,8 +200,38 @@ def train(repo: Path, logs: Path, env: dict) -> dict:
             "cuda_graph": report.get("cuda_graph"), "graph_fallback_reason": report.get("graph_fallback_reason"),
             "peak_memory_gib": report.get("peak_memory_gib"), "device_peak_mib": memory.device_peak_mib,
             "fid_floor": yardstick["real_vs_real"]["fid"], "status": report.get("status"),
-            "epochs": [{"epoch": int(row.epoch), "img_per_s": round(float(row.images_per_sec), 1),
-                        "fid": round(float(row.fid), 4)} for row in epochs.itertuples()]}
+            "epochs": epoch_rows(epochs)}
+
+
+def epoch_rows(epochs: pd.DataFrame) -> list[dict]:
+    """Per epoch: img/s and the evaluator's scores that the run logged (cond_accuracy on a conditional model)."""
+    scores = [key for key in ("fid", "precision", "recall", "class_coverage", "cond_accuracy") if key in epochs]
+    return [{"epoch": int(row["epoch"]), "img_per_s": round(float(row["images_per_sec"]), 1),
+             **{key: round(float(row[key]), 4) for key in scores}} for _, row in epochs.iterrows()]
+
+
+def conditional_train(repo: Path, logs: Path, env: dict, conditional: str, pictures: Path) -> dict:
+    """The train stage again with ``model.conditional`` set, at the same budget: issue 20's full-budget row.
+
+    Its registered generator draws a grid of one row per class, on the CPU, into ``pictures``.
+    """
+    params_file = repo / "params.yaml"
+    unconditional = params_file.read_text()
+    params = yaml.safe_load(unconditional)
+    params["model"]["conditional"] = conditional
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        wall = command(["ganpipe", "train", "--dataset", "mnist"], repo, logs / f"train-{conditional}.log", env)
+    finally:
+        params_file.write_text(unconditional)
+    report = json.loads((repo / "metrics/train/mnist.json").read_text())
+    grid = pictures / f"gpu_{conditional}_per_class.png"
+    command(["ganpipe", "sample", "--dataset", "mnist", "--mlflow-run", report["mlflow_run_id"], "--per-class", "10",
+             "-o", str(grid)], repo, logs / "sample-per-class.log", {**env, "CUDA_VISIBLE_DEVICES": ""})
+    return {"conditional": conditional, "wall_s": round(wall, 2), "mlflow_run_id": report["mlflow_run_id"],
+            "per_class_grid": grid.name,
+            "cuda_graph": report.get("cuda_graph"), "graph_fallback_reason": report.get("graph_fallback_reason"),
+            "status": report.get("status"), "epochs": epoch_rows(pd.read_csv(repo / "plots/quality/mnist.csv"))}
 
 
 def engine_alone(repo: Path, device: torch.device, epochs: int) -> dict:
@@ -289,12 +326,12 @@ def dp_graph(repo: Path, device: torch.device, iterations: int) -> dict:
             "mean_loss_d_g_last_50": {name: curve[-50:].mean(0).round(4).tolist() for name, curve in curves.items()}}
 
 
-def export(repo: Path, logs: Path, run_id: str, env: dict) -> dict:
+def export(repo: Path, logs: Path, run_id: str, env: dict, pictures: Path) -> dict:
     """The registered generator of the run, loaded on the CPU (no CUDA visible), sampled into a grid."""
-    grid = repo / "export_grid.png"
+    grid = pictures / "gpu_export_grid.png"
     seconds = command(["ganpipe", "sample", "--dataset", "mnist", "--mlflow-run", run_id, "-o", str(grid)], repo,
                       logs / "export.log", {**env, "CUDA_VISIBLE_DEVICES": ""})
-    return {"mlflow_run_id": run_id, "loaded_on": "cpu", "seconds": round(seconds, 2),
+    return {"mlflow_run_id": run_id, "loaded_on": "cpu", "seconds": round(seconds, 2), "grid": grid.name,
             "grid_written": grid.exists() and grid.read_bytes().startswith(b"\x89PNG")}
 
 
@@ -334,9 +371,17 @@ def adjust_for(args, device: torch.device):
     return adjust
 
 
-def guarded(report: Report, name: str, make):
-    """Run a section and save it; a section that fails is saved as its error, and the run goes on."""
+def guarded(report: Report, name: str, make, deadline: float | None = None):
+    """Run a section and save it; a section that fails is saved as its error, and the run goes on.
+
+    Past ``deadline`` (a ``time.perf_counter()`` value) the section is not started: it is saved as skipped,
+    so that the run ends inside the machine's time with what it measured.
+    """
     started = time.perf_counter()
+    if deadline is not None and started > deadline:
+        print(f"{name} skipped: past the run's deadline", flush=True)
+        report.section(name, {"skipped": "past --deadline-s"})
+        return {"skipped": "past --deadline-s"}
     print(f"{name} ...", flush=True)
     try:
         value = make()
@@ -366,6 +411,10 @@ def main() -> None:
     parser.add_argument("--sweep-epochs", type=int, default=2)
     parser.add_argument("--sweep-train-images", type=int, default=20_000,
                         help="the sweeps' train split (a third of MNIST: four sweeps fit the 8 minutes)")
+    parser.add_argument("--conditional", default="concat", choices=["none", "concat", "projection"],
+                        help="after the sweeps, the train stage again with this model.conditional (none: skip)")
+    parser.add_argument("--deadline-s", type=float, default=460,
+                        help="start no section after this many seconds of the run (the machine's time is short)")
     args = parser.parse_args()
     args.trials_per_gpu = args.trials_per_gpu or ([1, 2] if args.smoke else [1, 8, 4, 2])
     if args.smoke:
@@ -394,7 +443,7 @@ def main() -> None:
     guarded(report, "engine", lambda: engine_alone(repo, device, args.engine_epochs))
     guarded(report, "dp_graph", lambda: dp_graph(repo, device, args.dp_iterations))
     if "mlflow_run_id" in trained:
-        guarded(report, "export", lambda: export(repo, logs, trained["mlflow_run_id"], env))
+        guarded(report, "export", lambda: export(repo, logs, trained["mlflow_run_id"], env, report.path.parent))
 
     sweep_images = min(train_images, args.sweep_train_images)
     sweep_repo = repo  # the same data: the train project's stages serve
@@ -403,10 +452,20 @@ def main() -> None:
         (logs / "sweep").mkdir()
         guarded(report, "sweep_stages", lambda: {"train_images": sweep_images,
                                                  **stages(sweep_repo, logs / "sweep", env)})
+    deadline = None if args.smoke else started + args.deadline_s
+    # The conditional run goes after the first three sweeps (1, 8 and the default 4 trials per GPU): the
+    # shares' comparison comes first, and the deadline cuts what is left.
+    sections = [(f"sweep_{n}", n) for n in args.trials_per_gpu]
+    if args.conditional != "none":
+        sections.insert(min(3, len(sections)), ("conditional_train", None))
     rows = []
-    for per_gpu in args.trials_per_gpu:
-        rows.append(guarded(report, f"sweep_{per_gpu}", lambda: sweep(sweep_repo, logs, per_gpu, env)))
-        report.section("sweep", [row for row in rows if "error" not in row])
+    for name, per_gpu in sections:
+        if per_gpu is None:
+            guarded(report, name, lambda: conditional_train(repo, logs, env, args.conditional, report.path.parent),
+                    deadline)
+            continue
+        rows.append(guarded(report, name, lambda: sweep(sweep_repo, logs, per_gpu, env), deadline))
+        report.section("sweep", [row for row in rows if "error" not in row and "skipped" not in row])
     report.section("wall_s", round(time.perf_counter() - started, 1))
     print_table(report.data)
     print(f"\nJSON: {report.path}")
@@ -467,6 +526,13 @@ def print_table(data: dict) -> None:
         best = max(rows, key=lambda r: r["trials_per_hour"])
         print(f"best: trials_per_gpu {best['trials_per_gpu']}, {_ratio(best['trials_per_hour'], base)}x one trial "
               "per GPU (target >= 3)")
+    conditional = data.get("conditional_train", {})
+    if "epochs" in conditional and "epochs" in train:
+        final, plain = conditional["epochs"][-1], train["epochs"][-1]
+        print(f"\nat the train stage's budget ({plain['epoch']} epochs): FID {plain['fid']:.3f} unconditional, "
+              f"{final['fid']:.3f} with model.conditional={conditional['conditional']} "
+              f"({final['fid'] / plain['fid'] - 1:+.0%}); cond_accuracy {final.get('cond_accuracy')}; "
+              f"graph_fallback_reason {conditional['graph_fallback_reason']}")
     if "export" in data:
         print(f"\nexport: {data['export']}")
     failed = [name for name, value in data.items() if isinstance(value, dict) and "error" in value]

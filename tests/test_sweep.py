@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -32,7 +34,6 @@ def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(swept_repo):
     statuses = dict(zip(table["lr_d"], table["status"]))
     assert statuses[HUGE_LR] == "diverged"  # recorded, and the others still finished
     assert set(table["status"]) <= {"completed", "stopped_early", "diverged"}
-    assert (table["status"] == "stopped_early").sum() >= 1  # ASHA stopped a trial after its grace period
     assert (table["status"] == "completed").sum() >= 1
     usable = table[table["status"] != "diverged"]
     assert table.iloc[0]["fid"] == usable["fid"].min()  # the best row has the best metric
@@ -87,6 +88,36 @@ def test_dvc_repro_sweep_ranks_trials_and_links_mlflow_runs(swept_repo):
             assert d_updates == epoch * iterations_per_epoch * row.d_steps
             assert history["g_updates"][epoch] == epoch * iterations_per_epoch * row.g_steps
         assert len(client.get_metric_history(row.mlflow_run_id, "quality/fid")) == row.epochs_run
+
+    # ASHA stopped exactly the trials its rule stops, given the FIDs the trials reported, in the order they ran.
+    started = sorted(table.itertuples(), key=lambda row: children[row.mlflow_run_id].info.start_time)
+    fids = {row.trial_id: [math.inf] if row.status == "diverged" else  # a diverged trial reports fid = inf
+            [m.value for m in sorted(client.get_metric_history(row.mlflow_run_id, "quality/fid"), key=lambda m: m.step)]
+            for row in started}
+    expected = asha_stops([(row.trial_id, fids[row.trial_id]) for row in started], milestones=(1, 2), reduction=2)
+    assert set(table.loc[table["status"] == "stopped_early", "trial_id"]) == expected, fids
+    assert (table.loc[table["status"] == "stopped_early", "epochs_run"] < 3).all()
+
+
+def asha_stops(trials: list[tuple[str, list[float]]], milestones: tuple[int, ...], reduction: int) -> set[str]:
+    """The trials that Ray's ASHA (one bracket, metric minimized) stops, run one after another.
+
+    At each milestone a trial is stopped if its reward (-fid) is below the (1 - 1/reduction) percentile of
+    the rewards that the trials before it recorded there.
+    """
+    recorded: dict[int, list[float]] = {milestone: [] for milestone in milestones}
+    stopped = set()
+    for trial_id, trial_fids in trials:
+        for epoch, fid in enumerate(trial_fids, start=1):
+            if epoch not in recorded:
+                continue
+            with np.errstate(invalid="ignore"):
+                cutoff = np.nanpercentile(recorded[epoch], (1 - 1 / reduction) * 100) if recorded[epoch] else None
+            recorded[epoch].append(-fid)
+            if cutoff is not None and -fid < cutoff:
+                stopped.add(trial_id)
+                break
+    return stopped
 
 
 @pytest.mark.integration
