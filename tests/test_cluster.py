@@ -41,6 +41,7 @@ REQUIRED = os.environ.get("GANPIPE_REQUIRE_CLUSTER") == "1"
 HEAD_ONLY = ("data", "models", "mlruns")  # what the second node must not see
 NODE2_IP = "127.0.0.2"
 TRAIN_IMAGES = 300  # the synthetic fixture's training split
+EPOCHS = 5  # of the train run: a worker is killed after a checkpoint, and epochs remain
 
 
 def free_port() -> int:
@@ -110,7 +111,8 @@ def cluster_params(mirror_url: str, address: str, tracking_uri: str, storage: Pa
     params = project_params(
         data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
         model={"name": "dcgan", "channels": 8, "latent_dim": 16},
-        train={"epochs": 2, "batch_size": 64, "eval_samples": 200, "log_every": 2},
+        # Epochs long enough (1000 samples scored each) that a worker is killed while the run still trains.
+        train={"epochs": EPOCHS, "batch_size": 64, "eval_samples": 1000, "log_every": 2},
         evaluator={"epochs": 3, "batch_size": 32},
         ray={"address": address, "num_workers": 2, "use_gpu": False, "max_failures": 2,
              "storage_path": str(storage / "ray_results")},
@@ -233,26 +235,44 @@ def runs_on_server(cluster: Cluster) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def test_train_on_two_nodes_end_to_end(evaluated):
+def test_train_on_two_nodes_end_to_end_through_a_killed_worker(evaluated):
+    """`dvc repro train@mnist` with one worker per node; the second node's worker is SIGKILLed after a
+    checkpoint, and the restarted group resumes from it in shared storage: the stage still ends whole."""
     cluster = evaluated
-    result = cluster.run(["dvc", "repro", "train@mnist"])
-    assert "epoch 2/2" in result.stdout + result.stderr
+    process = subprocess.Popen(["dvc", "repro", "train@mnist"], cwd=cluster.repo, env=cluster.env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: list[str] = []
+    try:
+        # Kill only once the product says Ray registered a checkpoint: the restarted group must resume from it.
+        saved = int(read_until(process, r"checkpoint of epoch (\d+) saved", seen).group(1))
+        workers = [p for p in cluster.node2_processes() if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 1, "one of the two workers runs on the second node"
+        workers[0].send_signal(signal.SIGKILL)
+        output, _ = process.communicate(timeout=600)
+        output = "".join(seen) + output
+    finally:
+        end_process_tree(process)
+    assert process.returncode == 0, output[-5000:]
+    assert f"epoch {EPOCHS}/{EPOCHS}" in output
 
     summary = json.loads((cluster.repo / "metrics/train/mnist.json").read_text())  # DVC outputs on the head
-    assert summary["status"] == "completed" and summary["epoch"] == 2 and summary["fid"] > 0
-    for output in ("models/mnist/generator.pt", "models/mnist/checkpoint.pt", "plots/samples/mnist.png",
-                   "metrics/mnist/train.json"):
-        assert (cluster.repo / output).stat().st_size > 0, output
-    assert list(pd.read_csv(cluster.repo / "plots/quality/mnist.csv")["epoch"]) == [1, 2]
+    assert summary["status"] == "completed" and summary["epoch"] == EPOCHS and summary["fid"] > 0
+    for output_file in ("models/mnist/generator.pt", "models/mnist/checkpoint.pt", "plots/samples/mnist.png",
+                        "metrics/mnist/train.json"):
+        assert (cluster.repo / output_file).stat().st_size > 0, output_file
+    assert list(pd.read_csv(cluster.repo / "plots/quality/mnist.csv")["epoch"]) == list(range(1, EPOCHS + 1))
     assert not cluster.node2_sees("models/mnist")
 
     client = cluster.client()
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["dvc.stage"] == "train@mnist"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "quality/fid")) == [1, 2]
+    # From that checkpoint (or a later one registered before the kill landed), not from scratch.
+    assert saved <= int(run.data.tags["ganpipe.resumed_from_epoch"]) <= saved + 1, output[-5000:]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "quality/fid")) == \
+        list(range(1, EPOCHS + 1))
     assert client.get_metric_history(run.info.run_id, "loss/d")
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert sum("samples" in path for path in images) >= 2  # a grid per epoch, uploaded through the server
+    assert sum("samples" in path for path in images) >= EPOCHS  # a grid per epoch, uploaded through the server
     assert {"checkpoint", "reference", "images"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     versions = client.search_model_versions("name='ganpipe-mnist-generator'")
     assert run.info.run_id in {version.run_id for version in versions}
@@ -280,37 +300,6 @@ def test_sweep_on_two_nodes(evaluated):
         assert cluster.client().get_metric_history(child.info.run_id, "quality/fid")
 
 
-def test_killed_worker_on_second_node_resumes_from_shared_storage(evaluated):
-    cluster = evaluated
-    storage = cluster.shared / "resume"
-    params = cluster.write_params("resume.yaml", train={"epochs": 5, "eval_samples": 1000},
-                                  ray={"storage_path": str(storage)})
-    process = subprocess.Popen(["ganpipe", "--params", params, "train", "--dataset", "mnist"], cwd=cluster.repo,
-                               env=cluster.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    seen: list[str] = []
-    try:
-        # Kill only once the product says Ray registered a checkpoint: the restarted group must resume from it.
-        saved = int(read_until(process, r"checkpoint of epoch (\d+) saved", seen).group(1))
-        workers = [p for p in cluster.node2_processes() if "RayTrainWorker" in " ".join(p.cmdline())]
-        assert len(workers) == 1, "one of the two workers runs on the second node"
-        workers[0].send_signal(signal.SIGKILL)
-        output, _ = process.communicate(timeout=600)
-        output = "".join(seen) + output
-    finally:
-        end_process_tree(process)
-    assert process.returncode == 0, output[-5000:]
-
-    summary = json.loads((cluster.repo / "metrics/train/mnist.json").read_text())
-    assert summary["epoch"] == 5 and summary["status"] == "completed"
-    client = cluster.client()
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    # From that checkpoint (or a later one registered before the kill landed), not from scratch.
-    assert saved <= int(run.data.tags["ganpipe.resumed_from_epoch"]) <= saved + 1, output[-5000:]
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "quality/fid")} == {1, 2, 3, 4, 5}
-
-
 BAD_SETTINGS = {
     "storage_not_shared": ({"ray": {"storage_path": "models/ray_results"}}, "train",
                            [f"ray.storage_path = '{{repo}}/models/ray_results' is not shared: the node at {NODE2_IP}",
@@ -332,21 +321,50 @@ BAD_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("case", BAD_SETTINGS)
-def test_bad_cluster_setting_stops_before_training(evaluated, case):
+# Every bad setting through the CLI's own entry point, one after another in one process: each must stop before
+# training with its one line, and a process (with its torch, Ray and MLflow imports) per case would cost minutes.
+EACH_CASE = """
+import contextlib, io, json, sys
+from pipeline.cli import main
+results = {}
+for case, args in json.loads(sys.argv[1]).items():
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    results[case] = {"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+with open(sys.argv[2], "w") as results_file:
+    json.dump(results, results_file)
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_setting_results(evaluated) -> tuple[dict, int, int]:
+    """Each case's return code and output; the server's run count before and after all of them."""
     cluster = evaluated
-    sections, stage, messages = BAD_SETTINGS[case]
-    params = cluster.write_params(f"{case}.yaml", **sections)
+    commands = {}
+    for case, (sections, stage, _) in BAD_SETTINGS.items():
+        params = cluster.write_params(f"{case}.yaml", **sections)
+        commands[case] = ["--params", params, stage] + (["--dataset", "mnist"] if stage == "train" else [])
     runs_before = len(runs_on_server(cluster))
-    command = ["ganpipe", "--params", params, stage] + (["--dataset", "mnist"] if stage == "train" else [])
-    result = cluster.run(command, check=False, timeout=300)
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    error = [line for line in result.stderr.splitlines() if line.startswith(f"ganpipe {stage}: error: params.yaml:")]
-    assert len(error) == 1, result.stderr[-3000:]
+    results_file = cluster.base / "bad_settings.json"
+    cluster.run([sys.executable, "-c", EACH_CASE, json.dumps(commands), str(results_file)], timeout=300)
+    return json.loads(results_file.read_text()), runs_before, len(runs_on_server(cluster))
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_cluster_setting_stops_before_training(evaluated, bad_setting_results, case):
+    cluster = evaluated
+    _, stage, messages = BAD_SETTINGS[case]
+    results, runs_before, runs_after = bad_setting_results
+    result = results[case]
+    assert result["returncode"] == 1, result["stdout"][-3000:] + result["stderr"][-3000:]
+    error = [line for line in result["stderr"].splitlines()
+             if line.startswith(f"ganpipe {stage}: error: params.yaml:")]
+    assert len(error) == 1, result["stderr"][-3000:]
     for message in messages:
         assert message.format(repo=cluster.repo) in error[0]
-    assert "Traceback" not in result.stderr and "epoch 1/" not in result.stdout
-    assert len(runs_on_server(cluster)) == runs_before  # no MLflow run created, so none left RUNNING
+    assert "Traceback" not in result["stderr"] and "epoch 1/" not in result["stdout"]
+    assert runs_after == runs_before  # no MLflow run created, so none left RUNNING
 
 
 BAD_CREDENTIALS = {

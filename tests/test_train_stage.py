@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from conftest import (end_process_tree, make_dvc_repo, project_params, read_until, repo_mlflow_client, run_cmd,
                       serve_mirror, tool_env)
@@ -47,11 +50,25 @@ def reference_params(mirror_url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One uninterrupted `dvc repro train@mnist`: (repo, its output, its end-of-run report as it first was)."""
+def evaluated(tmp_path_factory) -> Path:
+    """A repository whose data and evaluator (DVC outputs) are made and the train stage not yet run: tests train
+    in copies of it (``copy_of``), where DVC finds the stages before train up to date."""
     with serve_mirror() as state:
-        repo = make_dvc_repo(tmp_path_factory.mktemp("trained") / "repo", reference_params(state.url))
-        result = run_cmd(["dvc", "repro", "train@mnist"], repo)
+        repo = make_dvc_repo(tmp_path_factory.mktemp("evaluated") / "repo", reference_params(state.url))
+        run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
+    return repo
+
+
+def copy_of(repo: Path, folder: Path) -> Path:
+    return Path(shutil.copytree(repo, folder / "repo", symlinks=True))
+
+
+@pytest.fixture(scope="module")
+def trained(evaluated, tmp_path_factory):
+    """One uninterrupted `dvc repro train@mnist`: (repo, its output, its end-of-run report as it first was)."""
+    repo = copy_of(evaluated, tmp_path_factory.mktemp("trained"))
+    result = run_cmd(["dvc", "repro", "train@mnist"], repo)
+    assert "Running stage 'evaluator@mnist'" not in result.stdout  # the copy's earlier stages are up to date
     return repo, result.stdout + result.stderr, json.loads((repo / "metrics/train/mnist.json").read_text())
 
 
@@ -163,12 +180,12 @@ def settled_snapshot(path) -> dict:
     return json.loads(last)
 
 
-def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(trained, mirror, tmp_path):
+def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(trained, evaluated, tmp_path):
     """A SIGKILLed driver whose newest checkpoint was also cut short (killed while writing, a full disk):
     the re-run resumes from the checkpoint before it, in the same MLflow run, and ends exactly where an
     uninterrupted run does."""
     _, _, reference = trained  # uninterrupted, same params and seed
-    repo = make_dvc_repo(tmp_path / "repo", reference_params(mirror.url))
+    repo = copy_of(evaluated, tmp_path)
 
     # The same run, SIGKILLed with its whole process group, DVC and the driver, once Ray has registered
     # the checkpoint of epoch 3.
@@ -217,14 +234,14 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(traine
     assert not running
 
 
-def test_diverged_run_is_marked_failed_with_reason(mirror, tmp_path):
-    params = small_params(mirror.url, optimizer="sgd", lr_d=1e30, lr_g=1e30, epochs=2)
-    params["model"]["name"] = "mlp"
-    params["model"]["hidden"] = [32, 64]
+def test_diverged_run_is_marked_failed_with_reason(evaluated, tmp_path):
+    repo = copy_of(evaluated, tmp_path)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(optimizer="sgd", lr_d=1e30, lr_g=1e30, epochs=2)
+    params["model"].update(name="mlp", hidden=[32, 64])
     params["ray"]["num_workers"] = 1
-    repo = make_dvc_repo(tmp_path / "repo", params)
-    run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-    result = run_cmd(["ganpipe", "train", "--dataset", "mnist"], repo, check=False)
+    (repo / "diverged.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_cmd(["ganpipe", "--params", "diverged.yaml", "train", "--dataset", "mnist"], repo, check=False)
     assert result.returncode == 1
     assert "diverged" in result.stderr and "Traceback" not in result.stderr
     run = only_run(repo_mlflow_client(repo))
