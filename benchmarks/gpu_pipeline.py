@@ -34,6 +34,7 @@ engine's img/s, the best trials_per_gpu >= 3x the sweep throughput of one trial 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -455,17 +456,16 @@ def main() -> None:
     deadline = None if args.smoke else started + args.deadline_s
     # The conditional run goes after the first three sweeps (1, 8 and the default 4 trials per GPU): the
     # shares' comparison comes first, and the deadline cuts what is left.
-    sections = [(f"sweep_{n}", n) for n in args.trials_per_gpu]
+    sections = [(f"sweep_{n}", functools.partial(sweep, sweep_repo, logs, n, env)) for n in args.trials_per_gpu]
     if args.conditional != "none":
-        sections.insert(min(3, len(sections)), ("conditional_train", None))
+        sections.insert(min(3, len(sections)), ("conditional_train", functools.partial(
+            conditional_train, repo, logs, env, args.conditional, report.path.parent)))
     rows = []
-    for name, per_gpu in sections:
-        if per_gpu is None:
-            guarded(report, name, lambda: conditional_train(repo, logs, env, args.conditional, report.path.parent),
-                    deadline)
-            continue
-        rows.append(guarded(report, name, lambda: sweep(sweep_repo, logs, per_gpu, env), deadline))
-        report.section("sweep", [row for row in rows if "error" not in row and "skipped" not in row])
+    for name, make in sections:
+        value = guarded(report, name, make, deadline)
+        if name.startswith("sweep_"):
+            rows.append(value)
+            report.section("sweep", [row for row in rows if "error" not in row and "skipped" not in row])
     report.section("wall_s", round(time.perf_counter() - started, 1))
     print_table(report.data)
     print(f"\nJSON: {report.path}")

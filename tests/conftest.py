@@ -210,6 +210,15 @@ def make_dvc_repo(path: Path, params: dict) -> Path:
     return path
 
 
+def write_params(repo: Path, name: str, **sections) -> str:
+    """A params file beside the repo's params.yaml, with sections merged over it (for `ganpipe --params NAME`)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section] = {**params.get(section, {}), **values}
+    (repo / name).write_text(yaml.safe_dump(params, sort_keys=False))
+    return name
+
+
 def project_params(**section_overrides) -> dict:
     """The project's params.yaml with sections merged over, for fixture repos."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

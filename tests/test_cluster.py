@@ -30,10 +30,9 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-import yaml
 
 from conftest import (VENV_BIN, end_process_tree, make_dvc_repo, project_params, read_until, serve_mirror,
-                      tool_env, wait_until)
+                      tool_env, wait_until, write_params)
 
 pytestmark = pytest.mark.integration
 
@@ -100,11 +99,7 @@ class Cluster:
         return MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
 
     def write_params(self, name: str, **sections) -> str:
-        params = yaml.safe_load((self.repo / "params.yaml").read_text())
-        for section, values in sections.items():
-            params[section] = {**params.get(section, {}), **values}
-        (self.repo / name).write_text(yaml.safe_dump(params, sort_keys=False))
-        return name
+        return write_params(self.repo, name, **sections)
 
 
 def cluster_params(mirror_url: str, address: str, tracking_uri: str, storage: Path) -> dict:

@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from conftest import (end_process_tree, make_dvc_repo, project_params, read_until, repo_mlflow_client, run_cmd,
-                      serve_mirror, tool_env)
+                      serve_mirror, tool_env, write_params)
 
 pytestmark = pytest.mark.integration
 
@@ -236,12 +235,9 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(traine
 
 def test_diverged_run_is_marked_failed_with_reason(evaluated, tmp_path):
     repo = copy_of(evaluated, tmp_path)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(optimizer="sgd", lr_d=1e30, lr_g=1e30, epochs=2)
-    params["model"].update(name="mlp", hidden=[32, 64])
-    params["ray"]["num_workers"] = 1
-    (repo / "diverged.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run_cmd(["ganpipe", "--params", "diverged.yaml", "train", "--dataset", "mnist"], repo, check=False)
+    params = write_params(repo, "diverged.yaml", train={"optimizer": "sgd", "lr_d": 1e30, "lr_g": 1e30, "epochs": 2},
+                          model={"name": "mlp", "hidden": [32, 64]}, ray={"num_workers": 1})
+    result = run_cmd(["ganpipe", "--params", params, "train", "--dataset", "mnist"], repo, check=False)
     assert result.returncode == 1
     assert "diverged" in result.stderr and "Traceback" not in result.stderr
     run = only_run(repo_mlflow_client(repo))
