@@ -2,12 +2,15 @@
 
 Only rank 0 of a training run (or a sweep trial) evaluates and logs; the other
 workers train. ``History`` holds the rows DVC's plots draw and travels inside
-every checkpoint, so a resumed run continues its curves.
+every checkpoint, so a resumed run continues its curves. A resumed run does not
+log again what MLflow already holds: the epochs a lost attempt got to log after
+its last checkpoint keep their first points and grids.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +23,25 @@ from gan.data import DATASETS
 from gan.engine import GANTrainer
 from gan.images import density_plot, image_grid, save_png
 from gan.metrics import evaluate
-from pipeline import cluster, tracking
+from pipeline import cluster, resume, tracking
 from pipeline.config import Config
+from pipeline.spool import SpooledClient, is_transport_failure
 
 # MLflow metric keys, grouped by prefix so the UI charts them together.
 STEP_METRICS = {"loss_d": "loss/d", "loss_g": "loss/g", "d_real": "d/real", "d_fake": "d/fake",
                 "d_acc": "d/acc", "grad_norm_d": "grad/d", "grad_norm_g": "grad/g"}
 STATUS_FILE = "status.json"
+IMAGE_KEY = "images/samples"  # where ``logged_steps`` files the steps of the per-epoch grid
+
+
+def logged_steps(client, run_id: str) -> dict[str, set[int]]:
+    """The steps a run holds per metric key, and its sample grids' steps under ``IMAGE_KEY``."""
+    steps = {key: {m.step for m in client.get_metric_history(run_id, key)}
+             for key in client.get_run(run_id).data.metrics}
+    # MLflow names a step's image files <key>+step+<step>+timestamp+...
+    names = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
+    steps[IMAGE_KEY] = {int(m.group(1)) for m in map(re.compile(r"^samples\+step\+(\d+)\+").match, names) if m}
+    return steps
 
 
 def toy_quality(samples: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
@@ -62,8 +77,6 @@ class RankZeroLogger:
     """Everything only rank 0 does: quality evaluation, MLflow logging, output files."""
 
     def __init__(self, loop_config: dict, cfg: Config, dataset: str, device: torch.device):
-        from pipeline.spool import SpooledClient
-
         self.cfg, self.dataset, self.device = cfg, dataset, device
         self.toy = DATASETS[dataset].kind == "toy"
         # An outage of the tracking server spools this run's metrics and grids; training goes on.
@@ -71,10 +84,27 @@ class RankZeroLogger:
         self.run_id = loop_config["mlflow_run_id"]
         self.evaluator, self.reference = cluster.worker_reference(loop_config["inputs"], dataset, device)
         self.eval_samples = cfg.train.eval_samples
+        self.logged: dict[str, set[int]] = {}  # on a resumed run: the steps MLflow already holds, per key
+
+    def resumed(self, from_epoch: int) -> None:
+        """Tag the resume, and note what the lost attempt logged: epochs past its checkpoint run again."""
+        self.client.set_tag(self.run_id, resume.TAG_RESUMED, str(from_epoch))
+        try:
+            self.logged = logged_steps(self.client, self.run_id)
+        except Exception as err:
+            if not is_transport_failure(err):
+                raise
+            print("MLflow is not answering: an epoch the lost attempt logged after its checkpoint may show twice",
+                  flush=True)
+
+    def _log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
+        """Metric rows, less the (key, step) points MLflow already holds."""
+        tracking.log_metric_rows(self.client, self.run_id, [
+            ({k: v for k, v in values.items() if step not in self.logged.get(k, ())}, step) for values, step in rows])
 
     def epoch_end(self, trainer: GANTrainer, result, epoch: int, history: History, world: int) -> dict:
-        tracking.log_metric_rows(self.client, self.run_id, [
-            ({STEP_METRICS[k]: v for k, v in row.items() if k in STEP_METRICS}, row["step"]) for row in result.history])
+        self._log_rows([({STEP_METRICS[k]: v for k, v in row.items() if k in STEP_METRICS}, row["step"])
+                        for row in result.history])
         history.losses.extend({"epoch": epoch, **row} for row in result.history)
         if self.toy:
             quality = toy_quality(trainer.sample(self.eval_samples), self.reference)
@@ -87,15 +117,14 @@ class RankZeroLogger:
         # What the engine really runs with: the optimizers' current lrs and exact update counts.
         engine_state = {"opt/lr_g": trainer.opt_g.param_groups[0]["lr"], "opt/lr_d": trainer.opt_d.param_groups[0]["lr"],
                         "opt/d_updates": trainer.d_updates, "opt/g_updates": trainer.g_updates}
-        tracking.log_metrics(self.client, self.run_id,
-                             {**{f"quality/{k}": v for k, v in quality.items()}, "speed/img_per_s": speed,
-                              "epoch": epoch, **engine_state}, step=epoch)
+        self._log_rows([({**{f"quality/{k}": v for k, v in quality.items()}, "speed/img_per_s": speed,
+                          "epoch": epoch, **engine_state}, epoch)])
         # The headline figure last: DVC's quality plot draws the last column.
         main_key = "wasserstein" if self.toy else "fid"
         history.quality.append({"epoch": epoch, "step": trainer.step, "images_per_sec": speed,
                                 **{k: v for k, v in quality.items() if k != main_key}, main_key: quality[main_key]})
-        picture = self.picture(trainer)
-        self.client.log_image(self.run_id, picture, key="samples", step=epoch)
+        if epoch not in self.logged.get(IMAGE_KEY, ()):
+            self.client.log_image(self.run_id, self.picture(trainer), key="samples", step=epoch)
         headline = (f"fid {quality['fid']:.3f}" if not self.toy else
                     f"mean {quality['mean']:.3f} std {quality['std']:.3f}")
         print(f"epoch {epoch}/{self.cfg.train.epochs}  {speed:,.0f} img/s  loss_d {result.metrics['loss_d']:.4f}  "

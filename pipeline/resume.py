@@ -93,6 +93,9 @@ def take_over(client: MlflowClient, experiment_id: str, *, stage: str, identity:
             end_interrupted(client, run.info.run_id, experiment_id)
     if not resumable:
         return None
+    # Its children (a sweep's trials) died with its driver: a trial Tune restores opens its run again, and one
+    # Tune never saved stays ended.
+    _end_as_interrupted(client, _running_children(client, experiment_id, newest.info.run_id))
     client.update_run(newest.info.run_id, status="RUNNING")
     for key, value in driver_tags().items():
         client.set_tag(newest.info.run_id, key, value)
@@ -101,12 +104,19 @@ def take_over(client: MlflowClient, experiment_id: str, *, stage: str, identity:
 
 def end_interrupted(client: MlflowClient, run_id: str, experiment_id: str) -> None:
     """End a run whose driver died, and its children still RUNNING, as KILLED with ganpipe.status=interrupted."""
-    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}' "
-                                                                 "and attributes.status = 'RUNNING'")
-    for run_to_end in [run_id, *(child.info.run_id for child in children)]:
-        client.set_tag(run_to_end, TAG_STATUS, INTERRUPTED)
-        client.set_terminated(run_to_end, RunStatus.to_string(RunStatus.KILLED))
+    _end_as_interrupted(client, [run_id, *_running_children(client, experiment_id, run_id)])
     print(f"MLflow run {run_id} was left RUNNING by a driver that is gone: ended KILLED (interrupted)")
+
+
+def _running_children(client: MlflowClient, experiment_id: str, run_id: str) -> list[str]:
+    return [child.info.run_id for child in client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")]
+
+
+def _end_as_interrupted(client: MlflowClient, run_ids: list[str]) -> None:
+    for run_id in run_ids:
+        client.set_tag(run_id, TAG_STATUS, INTERRUPTED)
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 class Heartbeat:

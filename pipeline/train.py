@@ -152,7 +152,7 @@ def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer
         cluster.use_credentials(loop_config["inputs"])
     logger = RankZeroLogger(loop_config, cfg, dataset, device) if rank == 0 else None
     if logger and start_epoch > 1:
-        logger.client.set_tag(logger.run_id, resume.TAG_RESUMED, str(start_epoch - 1))
+        logger.resumed(start_epoch - 1)
     if start_epoch > cfg.train.epochs:  # the driver died after the last checkpoint: report it again
         session.report(state["metrics"], folder=None)
         return

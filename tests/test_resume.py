@@ -47,10 +47,13 @@ def test_interrupted_run_is_resumed_and_other_zombies_end_killed(store):
     other = make_run(store, "bbb", dead_driver())
     child = client.create_run(experiment_id, tags={"dvc.stage": STAGE, "mlflow.parentRunId": other}).info.run_id
     interrupted = make_run(store, "aaa", dead_driver())
+    trial = client.create_run(experiment_id, tags={"dvc.stage": STAGE, "mlflow.parentRunId": interrupted}).info.run_id
 
     taken = resume.take_over(client, experiment_id, stage=STAGE, identity="aaa", fresh=False)
     assert taken.info.run_id == interrupted
     assert status(store, interrupted) == ("RUNNING", None)
+    # Its trial died with the driver: ended, until a trial Tune restores opens it again.
+    assert status(store, trial) == ("KILLED", "interrupted")
     assert resume.driver_alive(client.get_run(interrupted))  # this process drives it now
     assert status(store, other) == ("KILLED", "interrupted")
     assert status(store, child) == ("KILLED", "interrupted")  # with its sweep parent

@@ -169,8 +169,14 @@ def test_killed_optuna_sweep_resumes_without_training_finished_trials_again(tmp_
     parents = [r for r in runs if r.data.tags.get("dvc.stage") == "sweep" and "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent run, reused
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert {child.info.run_id for child in children} == set(table["mlflow_run_id"])
-    assert {r.info.status for r in runs} == {"FINISHED"}  # nothing left RUNNING
+    in_table = set(table["mlflow_run_id"])
+    lost = [child for child in children if child.info.run_id not in in_table]
+    assert len(children) - len(lost) == 3
+    # A trial that had started when the kill landed, before Tune saved it, is one Tune no longer knows: its
+    # run ended with the killed driver, and the re-run does not pick it up.
+    for run in lost:
+        assert run.info.status == "KILLED" and run.data.tags["ganpipe.status"] == "interrupted"
+    assert {r.info.status for r in runs if r not in lost} == {"FINISHED"}  # nothing left RUNNING
     first = table.loc[table["searched_by"] == "random", "mlflow_run_id"].item()
     fids = client.get_metric_history(first, "quality/fid")
     assert sorted(m.step for m in fids) == [1, 2]  # trained once: no epoch logged twice
