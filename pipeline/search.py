@@ -77,6 +77,21 @@ def search_algorithm(cfg: Config, storage, study_name: str):
     return ResumableOptunaSearch(sampler=sampler, storage=storage, study_name=study_name)
 
 
+def fail_lost_trials(storage, study_name: str) -> int:
+    """Mark FAIL the study's trials still RUNNING once the sweep is over; returns how many.
+
+    Such a trial was asked of Optuna just before a killed driver died, and Tune's saved
+    state never held it: no process will ever tell Optuna its result.
+    """
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    lost = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in lost:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(lost)
+
+
 def optuna_trials(cfg: Config, storage, study_name: str) -> pd.DataFrame:
     """The study's trials, each with ``searched_by``: "tpe" when TPE had startup_trials finished ones to model.
 

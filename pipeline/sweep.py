@@ -28,7 +28,7 @@ from pipeline.config import Config, ConfigError, apply_overrides, params_hash, s
 from pipeline.preprocess import load_processed
 from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.sweep_figures import best_vs_worst, metric_figure
-from pipeline.search import label_searched_by, optuna_trials, scheduler, search_algorithm, search_space
+from pipeline.search import fail_lost_trials, label_searched_by, optuna_trials, scheduler, search_algorithm, search_space
 from pipeline.train import fit, make_loop_config, storage_path, train_loop
 
 OUT = Path("sweep")
@@ -277,6 +277,8 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
                           for run_id in children.values()}
         table = results_table(results, cfg, children, epochs_trained)
         if study_storage is not None:
+            if lost := fail_lost_trials(study_storage, name):
+                print(f"sweep: {lost} Optuna trial(s) lost with the killed driver marked FAIL in the study", flush=True)
             trials = optuna_trials(cfg, study_storage, name)
             table = label_searched_by(table, trials, list(sweep.space))
             client.log_text(parent_id, trials.to_csv(index=False), "optuna_trials.csv")
