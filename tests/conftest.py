@@ -210,6 +210,35 @@ def make_dvc_repo(path: Path, params: dict) -> Path:
     return path
 
 
+FIXTURE_EVALUATOR = {"epochs": 5, "batch_size": 32}  # every copied repository's evaluator
+UNUSED_MIRROR = "http://unused/"  # for params of a copied repository, whose data section is the template's
+
+
+@pytest.fixture(scope="session")
+def evaluated_repo(tmp_path_factory) -> Path:
+    """A repository with the fixture's data and evaluator made (DVC outputs) and nothing trained: tests train in
+    copies of it (``copy_repo``), where DVC finds fetch, preprocess and evaluator up to date."""
+    with serve_mirror() as state:
+        params = project_params(data={"datasets": ["mnist"], "mirrors": {"mnist": [state.url]}, "verify_checksums": False},
+                                evaluator=FIXTURE_EVALUATOR)
+        repo = make_dvc_repo(tmp_path_factory.mktemp("evaluated") / "repo", params)
+        run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
+    run_cmd(["git", "add", "-A"], repo)
+    run_cmd(["git", "commit", "-qm", "evaluator"], repo)
+    return repo
+
+
+def copy_repo(template: Path, folder: Path, params: dict) -> Path:
+    """A copy of ``template`` under ``folder`` with ``params``, less their data and evaluator sections: those stay
+    the template's, so DVC finds the stages up to the evaluator up to date. The change is committed."""
+    kept = yaml.safe_load((template / "params.yaml").read_text())
+    repo = Path(shutil.copytree(template, folder / "repo", symlinks=True))
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "data": kept["data"], "evaluator": kept["evaluator"]},
+                                                     sort_keys=False))
+    run_cmd(["git", "commit", "-qam", "params"], repo)
+    return repo
+
+
 def write_params(repo: Path, name: str, **sections) -> str:
     """A params file beside the repo's params.yaml, with sections merged over it (for `ganpipe --params NAME`)."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -234,7 +263,7 @@ def sweep_params(mirror_url: str) -> dict:
         # Plain SGD trials, no spectral norm or G-EMA: their FIDs spread enough for ASHA to stop one.
         model={"name": "mlp", "hidden": [32, 64], "latent_dim": 16, "spectral_norm": False},
         train={"epochs": 2, "batch_size": 64, "optimizer": "sgd", "eval_samples": 200, "log_every": 2, "g_ema": 0.0},
-        evaluator={"epochs": 5, "batch_size": 32},
+        evaluator=FIXTURE_EVALUATOR,
         ray={"use_gpu": False, "num_workers": 1},
     )
     params["sweep"] = {
@@ -260,15 +289,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def swept_repo(tmp_path_factory) -> tuple[Path, str]:
+def swept_repo(evaluated_repo, tmp_path_factory) -> tuple[Path, str]:
     """A repository where the real `dvc repro sweep` and `dvc repro train@mnist` ran: (repo, sweep stdout).
 
     Shared by the sweep and the MLflow UI tests, so the slow part runs once.
     """
-    with serve_mirror() as state:
-        repo = make_dvc_repo(tmp_path_factory.mktemp("swept") / "repo", sweep_params(state.url))
-        sweep = run_cmd(["dvc", "repro", "sweep"], repo)
-        run_cmd(["dvc", "repro", "train@mnist"], repo)
+    repo = copy_repo(evaluated_repo, tmp_path_factory.mktemp("swept"), sweep_params(UNUSED_MIRROR))
+    sweep = run_cmd(["dvc", "repro", "sweep"], repo)
+    run_cmd(["dvc", "repro", "train@mnist"], repo)
     return repo, sweep.stdout
 
 

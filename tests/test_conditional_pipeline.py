@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_dvc_repo, project_params, repo_mlflow_client, run_cmd, serve_mirror
+from conftest import copy_repo, project_params, repo_mlflow_client, run_cmd
 
 pytestmark = pytest.mark.integration
 
@@ -18,19 +18,15 @@ EPOCHS, CLASSES, SIDE = 2, 10, 28 + 2  # a grid cell: the image and its padding
 
 
 @pytest.fixture(scope="module")
-def conditional_repo(tmp_path_factory):
+def conditional_repo(evaluated_repo, tmp_path_factory):
     """One `dvc repro train@mnist` of a small projection cGAN on the synthetic set, with 2 DDP workers."""
     params = project_params(
-        data={"datasets": ["mnist"], "verify_checksums": False},
         model={"name": "dcgan", "channels": 8, "latent_dim": 16, "conditional": "projection"},
         train={"epochs": EPOCHS, "batch_size": 64, "eval_samples": 200, "log_every": 2},
-        evaluator={"epochs": 5, "batch_size": 32},
         ray={"num_workers": 2, "use_gpu": False, "max_failures": 0},
     )
-    with serve_mirror() as state:
-        params["data"]["mirrors"] = {"mnist": [state.url]}
-        repo = make_dvc_repo(tmp_path_factory.mktemp("conditional") / "repo", params)
-        run_cmd(["dvc", "repro", "train@mnist"], repo)
+    repo = copy_repo(evaluated_repo, tmp_path_factory.mktemp("conditional"), params)
+    run_cmd(["dvc", "repro", "train@mnist"], repo)
     return repo
 
 

@@ -15,7 +15,7 @@ import pytest
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from conftest import end_process_tree, make_dvc_repo, read_until, run_cmd, serve_mirror, sweep_params, tool_env
+from conftest import UNUSED_MIRROR, copy_repo, end_process_tree, read_until, run_cmd, sweep_params, tool_env
 from mlflow_server import MlflowServer
 from pipeline import resume, spool, tracking
 from test_train_stage import small_params
@@ -149,7 +149,7 @@ def assert_run_complete(uri: str, repo, epochs: int) -> str:
     return run_id
 
 
-def test_train_goes_on_through_a_hung_then_a_dead_server_and_ganpipe_sync_delivers(tmp_path):
+def test_train_goes_on_through_a_hung_then_a_dead_server_and_ganpipe_sync_delivers(evaluated_repo, tmp_path):
     """train@mnist while the server hangs (longer than a call's timeout) and then dies, down past the stage's end:
     the stage ends 0 with its records spooled, and `ganpipe sync` delivers each of them once.
 
@@ -158,16 +158,14 @@ def test_train_goes_on_through_a_hung_then_a_dead_server_and_ganpipe_sync_delive
     server = MlflowServer(tmp_path / "mlflow").start()
     process = None
     try:
-        with serve_mirror() as state:
-            repo = make_dvc_repo(tmp_path / "repo", outage_params(state.url, server.uri, EPOCHS, 2))
-            run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-            process = subprocess.Popen(["dvc", "repro", "train@mnist"], cwd=repo, env=tool_env(), text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            seen: list[str] = []
-            read_until(process, r"checkpoint of epoch 1 saved", seen)
-            freeze(server, 15, then_kill=True)
-            seen.extend(process.stdout)
-            assert process.wait(timeout=600) == 0, "".join(seen)[-4000:]
+        repo = copy_repo(evaluated_repo, tmp_path, outage_params(UNUSED_MIRROR, server.uri, EPOCHS, 2))
+        process = subprocess.Popen(["dvc", "repro", "train@mnist"], cwd=repo, env=tool_env(), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen: list[str] = []
+        read_until(process, r"checkpoint of epoch 1 saved", seen)
+        freeze(server, 15, then_kill=True)
+        seen.extend(process.stdout)
+        assert process.wait(timeout=600) == 0, "".join(seen)[-4000:]
         output = "".join(seen)
         assert "is not answering: spooling" in output and "resumed from the checkpoint" not in output
         spooled = re.search(r"train@mnist: (\d+) MLflow record\(s\) still spooled in (\S+):", output)
@@ -188,26 +186,24 @@ def test_train_goes_on_through_a_hung_then_a_dead_server_and_ganpipe_sync_delive
         server.stop()
 
 
-def test_sweep_trials_train_through_an_outage(tmp_path):
+def test_sweep_trials_train_through_an_outage(evaluated_repo, tmp_path):
     """The server killed while the first trial trains and restarted: trials go on, runs created meanwhile too."""
     server = MlflowServer(tmp_path / "mlflow").start()
     process = None
     try:
-        with serve_mirror() as state:
-            params = sweep_params(state.url)
-            params["mlflow"].update(tracking_uri=server.uri, flush_timeout_s=300)
-            repo = make_dvc_repo(tmp_path / "repo", params)
-            run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-            process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=tool_env(), text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            seen: list[str] = []
-            read_until(process, r"epoch 1/3", seen)
-            server.kill()
-            restart = threading.Thread(target=server.start)
-            restart.start()
-            seen.extend(process.stdout)
-            assert process.wait(timeout=900) == 0, "".join(seen)[-4000:]
-            restart.join()
+        params = sweep_params(UNUSED_MIRROR)
+        params["mlflow"].update(tracking_uri=server.uri, flush_timeout_s=300)
+        repo = copy_repo(evaluated_repo, tmp_path, params)
+        process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=tool_env(), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen: list[str] = []
+        read_until(process, r"epoch 1/3", seen)
+        server.kill()
+        restart = threading.Thread(target=server.start)
+        restart.start()
+        seen.extend(process.stdout)
+        assert process.wait(timeout=900) == 0, "".join(seen)[-4000:]
+        restart.join()
         output = "".join(seen)
         assert "is not answering: spooling" in output and "still spooled" not in output
 
@@ -219,7 +215,8 @@ def test_sweep_trials_train_through_an_outage(tmp_path):
         runs = client.search_runs([experiment.experiment_id])
         (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
         assert parent.info.status == "FINISHED"
-        children = {run.info.run_id: run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        children = {run.info.run_id: run for run in runs
+                    if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert set(children) == set(table["mlflow_run_id"])  # one run per trial, none created twice
         for row in table.itertuples():
             child = children[row.mlflow_run_id]

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import (HUGE_LR, end_process_tree, make_dvc_repo, project_params, run_cmd, serve_mirror,
-                      sweep_params, tool_env, wait_until)
+from conftest import (HUGE_LR, UNUSED_MIRROR, copy_repo, end_process_tree, project_params, run_cmd, sweep_params,
+                      tool_env, wait_until)
 from pipeline.config import ConfigError, apply_overrides, validate
 from pipeline.search import fail_lost_trials, pbt_mutations, search_space
 from pipeline.sweep import trial_config
@@ -122,38 +122,36 @@ def asha_stops(trials: list[tuple[str, list[float]]], milestones: tuple[int, ...
 
 
 @pytest.mark.integration
-def test_killed_optuna_sweep_resumes_without_training_finished_trials_again(tmp_path):
+def test_killed_optuna_sweep_resumes_without_training_finished_trials_again(evaluated_repo, tmp_path):
     """sweep.search: optuna with one random startup trial, SIGKILLed once a trial finished, then run again.
 
     The re-run restores the Tune experiment and the Optuna study: the finished trial is not
     trained again, the rest continue, and the later trials come from TPE's model of the results.
     """
-    with serve_mirror() as state:
-        params = sweep_params(state.url)
-        params["train"]["epochs"] = 1
-        params["sweep"].update(search="optuna", startup_trials=1, scheduler="fifo", num_samples=3, epochs=2,
-                               space={"lr_d": {"loguniform": [0.005, 0.05]}, "lr_g": {"loguniform": [0.005, 0.05]},
-                                      "d_steps": [1, 2]})
-        repo = make_dvc_repo(tmp_path / "repo", params)
-        run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-        # Tune saves its experiment state every 10 s or more by default: a whole sweep could end in between.
-        # Saved every second, the first finished trial shows while the others still have to run.
-        env = {**tool_env(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-        log = tmp_path / "killed-sweep.log"
-        with open(log, "w") as output:
-            process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=env, text=True, stdout=output,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            # Tune's saved experiment state records the first finished trial: kill the whole process group then.
-            finished = lambda: any("TERMINATED" in path.read_text()  # noqa: E731
-                                   for path in (repo / "ray_results").glob("sweep-mnist-*/experiment_state-*.json"))
-            wait_until(finished, 600, "a finished trial in the sweep's saved state", process)
-            assert process.poll() is None, f"the sweep ended before the kill:\n{log.read_text()[-4000:]}"
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
-        finally:
-            end_process_tree(process)
-        rerun = run_cmd(["dvc", "repro", "sweep"], repo)
+    params = sweep_params(UNUSED_MIRROR)
+    params["train"]["epochs"] = 1
+    params["sweep"].update(search="optuna", startup_trials=1, scheduler="fifo", num_samples=3, epochs=2,
+                           space={"lr_d": {"loguniform": [0.005, 0.05]}, "lr_g": {"loguniform": [0.005, 0.05]},
+                                  "d_steps": [1, 2]})
+    repo = copy_repo(evaluated_repo, tmp_path, params)
+    # Tune saves its experiment state every 10 s or more by default: a whole sweep could end in between.
+    # Saved every second, the first finished trial shows while the others still have to run.
+    env = {**tool_env(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    log = tmp_path / "killed-sweep.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(["dvc", "repro", "sweep"], cwd=repo, env=env, text=True, stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Tune's saved experiment state records the first finished trial: kill the whole process group then.
+        finished = lambda: any("TERMINATED" in path.read_text()  # noqa: E731
+                               for path in (repo / "ray_results").glob("sweep-mnist-*/experiment_state-*.json"))
+        wait_until(finished, 600, "a finished trial in the sweep's saved state", process)
+        assert process.poll() is None, f"the sweep ended before the kill:\n{log.read_text()[-4000:]}"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        end_process_tree(process)
+    rerun = run_cmd(["dvc", "repro", "sweep"], repo)
     assert "resuming the interrupted sweep" in rerun.stdout, f"{log.read_text()[-3000:]}\n---\n{rerun.stdout[-3000:]}"
 
     table = pd.read_csv(repo / "sweep/results.csv")

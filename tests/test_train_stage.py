@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import (end_process_tree, make_dvc_repo, project_params, read_until, repo_mlflow_client, run_cmd,
-                      serve_mirror, tool_env, write_params)
+from conftest import (FIXTURE_EVALUATOR, UNUSED_MIRROR, copy_repo, end_process_tree, make_dvc_repo, project_params,
+                      read_until, repo_mlflow_client, run_cmd, tool_env, write_params)
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def small_params(mirror_url: str, **train) -> dict:
         data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
         model={"name": "dcgan", "channels": 8, "latent_dim": 16},
         train={"epochs": 2, "batch_size": 64, "eval_samples": 200, "log_every": 2, **train},
-        evaluator={"epochs": 5, "batch_size": 32},
+        evaluator=FIXTURE_EVALUATOR,
         ray={"num_workers": 2, "use_gpu": False, "max_failures": 2},
     )
 
@@ -49,13 +49,10 @@ def reference_params(mirror_url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory) -> Path:
-    """A repository whose data and evaluator (DVC outputs) are made and the train stage not yet run: tests train
-    in copies of it (``copy_of``), where DVC finds the stages before train up to date."""
-    with serve_mirror() as state:
-        repo = make_dvc_repo(tmp_path_factory.mktemp("evaluated") / "repo", reference_params(state.url))
-        run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-    return repo
+def evaluated(evaluated_repo, tmp_path_factory) -> Path:
+    """The shared evaluated repository with this module's params, the train stage not yet run: tests train in
+    copies of it (``copy_of``), where DVC finds the stages before train up to date."""
+    return copy_repo(evaluated_repo, tmp_path_factory.mktemp("evaluated"), reference_params(UNUSED_MIRROR))
 
 
 def copy_of(repo: Path, folder: Path) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import make_dvc_repo, project_params, run_cmd, serve_mirror, tool_env
+from conftest import UNUSED_MIRROR, copy_repo, project_params, run_cmd, tool_env
 from pipeline import tracking
 
 BAR = "%|"  # tqdm's "100%|███|": a progress bar was drawn
@@ -77,7 +77,6 @@ def lineage_params(mirror_url: str) -> dict:
         model={"name": "mlp", "hidden": [32, 64], "latent_dim": 16},
         train={"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr_g": 0.01, "lr_d": 0.01,
                "eval_samples": 200, "log_every": 1},
-        evaluator={"epochs": 2, "batch_size": 32},
         ray={"use_gpu": False, "num_workers": 1},
     )
     params["sweep"].update(dataset="mnist", space={"lr_d": [0.01, 0.02]}, num_samples=1, scheduler="fifo",
@@ -86,13 +85,8 @@ def lineage_params(mirror_url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small_repo(tmp_path_factory) -> Path:
-    with serve_mirror() as state:
-        repo = make_dvc_repo(tmp_path_factory.mktemp("lineage") / "repo", lineage_params(state.url))
-        run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
-    run_cmd(["git", "add", "-A"], repo)
-    run_cmd(["git", "commit", "-qm", "evaluator"], repo)
-    return repo
+def small_repo(evaluated_repo, tmp_path_factory) -> Path:
+    return copy_repo(evaluated_repo, tmp_path_factory.mktemp("lineage"), lineage_params(UNUSED_MIRROR))
 
 
 @pytest.mark.integration
