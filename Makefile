@@ -41,8 +41,8 @@ demo: setup
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# One worker; PYTEST_ARGS="-n 2 --dist loadgroup" runs two at a time (docs/testing.md).
-PYTEST_ARGS ?=
+# Two pytest-xdist workers, a module's tests on one of them (docs/testing.md); PYTEST_ARGS= runs one worker.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -135,13 +135,17 @@ def test_dvc_repro_trains_logs_and_writes_outputs(trained, tmp_path):
     floor = json.loads((repo / "metrics/evaluator/mnist.json").read_text())["real_vs_real"]["fid"]
     assert float(fid_row[1]) > 0 and float(fid_row[2]) == pytest.approx(floor, abs=1e-4)
 
-    # dvc exp run -S changes one knob and shows up in dvc exp show
+    # dvc exp run -S changes one knob, names the MLflow run after the experiment and shows up in dvc exp show
     run_cmd(["git", "add", "-A"], repo)
     run_cmd(["git", "commit", "-qm", "baseline"], repo)
     # One epoch of 4 iterations, shorter than log_every: its losses are still logged, once.
-    run_cmd(["dvc", "exp", "run", "train@mnist", "-S", "train.lr_g=0.001", "-S", "train.epochs=1",
-             "-S", "train.log_every=1000"], repo)
+    experiment_run = run_cmd(["dvc", "exp", "run", "-n", "lineage-check", "train@mnist", "-S", "train.lr_g=0.001",
+                              "-S", "train.epochs=1", "-S", "train.log_every=1000"], repo)
+    logs = experiment_run.stdout + experiment_run.stderr
+    assert "epoch 1/1" in logs and "%|" not in logs  # no progress bar off a terminal: the logs stay plain
     short_run = json.loads((repo / "metrics/train/mnist.json").read_text())["mlflow_run_id"]
+    tagged = client.get_run(short_run)
+    assert tagged.data.tags["dvc.exp_name"] == "lineage-check" and tagged.data.params["train.lr_g"] == "0.001"
     assert len(client.get_metric_history(short_run, "loss/d")) == 1
     assert list(pd.read_csv(repo / "plots/losses/mnist.csv")["epoch"]) == [1]
     shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], repo).stdout)

@@ -89,18 +89,6 @@ def small_repo(evaluated_repo, tmp_path_factory) -> Path:
     return copy_repo(evaluated_repo, tmp_path_factory.mktemp("lineage"), lineage_params(UNUSED_MIRROR))
 
 
-@pytest.mark.integration
-def test_dvc_exp_run_names_its_mlflow_run_and_logs_stay_plain(small_repo):
-    result = run_cmd(["dvc", "exp", "run", "-n", "lineage-check", "-S", "train.lr_g=0.02", "train@mnist"],
-                     small_repo)
-    assert "epoch 1/1" in result.stdout + result.stderr and BAR not in result.stdout + result.stderr
-    (run,) = [run for run in store(small_repo).search_runs(
-        [store(small_repo).get_experiment_by_name("ganpipe-mnist").experiment_id])
-        if run.data.tags.get("dvc.stage") == "train@mnist"]
-    assert run.data.tags["dvc.exp_name"] == "lineage-check"
-    assert run.data.params["train.lr_g"] == "0.02"
-
-
 def on_a_terminal(args: list[str], cwd: Path, timeout: float = 600) -> str:
     """Run a command with stdout and stderr on a pseudo-terminal; everything it drew."""
     controller, terminal = pty.openpty()
