@@ -10,7 +10,6 @@ its last checkpoint keep their first points and grids.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +33,11 @@ STATUS_FILE = "status.json"
 IMAGE_KEY = "images/samples"  # where ``logged_steps`` files the steps of the per-epoch grid
 
 
-def logged_steps(client, run_id: str) -> dict[str, set[int]]:
+def logged_steps(client: SpooledClient, run_id: str) -> dict[str, set[int]]:
     """The steps a run holds per metric key, and its sample grids' steps under ``IMAGE_KEY``."""
     steps = {key: {m.step for m in client.get_metric_history(run_id, key)}
              for key in client.get_run(run_id).data.metrics}
-    # MLflow names a step's image files <key>+step+<step>+timestamp+...
-    names = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
-    steps[IMAGE_KEY] = {int(m.group(1)) for m in map(re.compile(r"^samples\+step\+(\d+)\+").match, names) if m}
+    steps[IMAGE_KEY] = client.logged_image_steps(run_id, "samples")
     return steps
 
 

@@ -89,6 +89,13 @@ class SpooledClient:
         self._submit({"op": "artifacts", "run_id": run_id, "artifact_path": "images"}, write)
         self.set_tag(run_id, "mlflow.loggedImages", True)
 
+    def logged_image_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps of the run's images under ``key``, read from the file names ``log_image`` gives them."""
+        prefix = f"{key.replace('/', '~')}+step+"
+        names = [Path(item.path).name for item in self.client.list_artifacts(run_id, "images")]
+        return {int(name[len(prefix):].split("+")[0]) for name in names
+                if name.startswith(prefix) and name.endswith(".png")}
+
     def log_model(self, run_id: str, model, *, name: str, input_example, signature, pip_requirements: list[str],
                   registered_model_name: str | None) -> None:
         import numpy as np

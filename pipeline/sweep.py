@@ -28,7 +28,8 @@ from pipeline.config import Config, ConfigError, apply_overrides, params_hash, s
 from pipeline.preprocess import load_processed
 from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.sweep_figures import best_vs_worst, metric_figure
-from pipeline.search import fail_lost_trials, label_searched_by, optuna_trials, scheduler, search_algorithm, search_space
+from pipeline.search import (fail_lost_trials, label_searched_by, optuna_trials, scheduler, search_algorithm,
+                             search_space)
 from pipeline.train import fit, make_loop_config, storage_path, train_loop
 
 OUT = Path("sweep")

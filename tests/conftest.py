@@ -219,8 +219,8 @@ def evaluated_repo(tmp_path_factory) -> Path:
     """A repository with the fixture's data and evaluator made (DVC outputs) and nothing trained: tests train in
     copies of it (``copy_repo``), where DVC finds fetch, preprocess and evaluator up to date."""
     with serve_mirror() as state:
-        params = project_params(data={"datasets": ["mnist"], "mirrors": {"mnist": [state.url]}, "verify_checksums": False},
-                                evaluator=FIXTURE_EVALUATOR)
+        data = {"datasets": ["mnist"], "mirrors": {"mnist": [state.url]}, "verify_checksums": False}
+        params = project_params(data=data, evaluator=FIXTURE_EVALUATOR)
         repo = make_dvc_repo(tmp_path_factory.mktemp("evaluated") / "repo", params)
         run_cmd(["dvc", "repro", "evaluator@mnist"], repo)
     run_cmd(["git", "add", "-A"], repo)
@@ -228,15 +228,22 @@ def evaluated_repo(tmp_path_factory) -> Path:
     return repo
 
 
-def copy_repo(template: Path, folder: Path, params: dict) -> Path:
-    """A copy of ``template`` under ``folder`` with ``params``, less their data and evaluator sections: those stay
-    the template's, so DVC finds the stages up to the evaluator up to date. The change is committed."""
-    kept = yaml.safe_load((template / "params.yaml").read_text())
+def copy_repo(template: Path, folder: Path, params: dict | None = None) -> Path:
+    """A copy of ``template`` under ``folder``; with ``params``, less their data and evaluator sections (those stay
+    the template's, so DVC finds the stages up to the evaluator up to date), committed."""
     repo = Path(shutil.copytree(template, folder / "repo", symlinks=True))
-    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "data": kept["data"], "evaluator": kept["evaluator"]},
-                                                     sort_keys=False))
-    run_cmd(["git", "commit", "-qam", "params"], repo)
+    if params is not None:
+        kept = yaml.safe_load((template / "params.yaml").read_text())
+        params = {**params, "data": kept["data"], "evaluator": kept["evaluator"]}
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run_cmd(["git", "commit", "-qam", "params"], repo)
     return repo
+
+
+def image_steps(client, run_id: str) -> list[int]:
+    """The steps of a run's per-epoch sample grids, from their MLflow file names (<key>+step+<step>+...)."""
+    names = [item.path.rsplit("/", 1)[1] for item in client.list_artifacts(run_id, "images")]
+    return sorted(int(name.split("+step+")[1].split("+")[0]) for name in names if name.endswith(".png"))
 
 
 def write_params(repo: Path, name: str, **sections) -> str:

@@ -15,7 +15,8 @@ import pytest
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from conftest import UNUSED_MIRROR, copy_repo, end_process_tree, read_until, run_cmd, sweep_params, tool_env
+from conftest import (UNUSED_MIRROR, copy_repo, end_process_tree, image_steps, read_until, run_cmd, sweep_params,
+                      tool_env)
 from mlflow_server import MlflowServer
 from pipeline import resume, spool, tracking
 from test_train_stage import small_params
@@ -36,11 +37,6 @@ def new_run(server) -> str:
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("spool") or client.get_experiment(client.create_experiment("spool"))
     return client.create_run(experiment.experiment_id).info.run_id
-
-
-def image_steps(client: MlflowClient, run_id: str) -> list[int]:
-    names = [item.path.rsplit("/", 1)[1] for item in client.list_artifacts(run_id, "images")]
-    return sorted(int(name.split("+step+")[1].split("+")[0]) for name in names if name.endswith(".png"))
 
 
 def test_an_outage_is_spooled_and_delivered_in_order_exactly_once(server, tmp_path):

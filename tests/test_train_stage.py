@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import (FIXTURE_EVALUATOR, UNUSED_MIRROR, copy_repo, end_process_tree, make_dvc_repo, project_params,
-                      read_until, repo_mlflow_client, run_cmd, tool_env, write_params)
+from conftest import (FIXTURE_EVALUATOR, UNUSED_MIRROR, copy_repo, end_process_tree, image_steps, make_dvc_repo,
+                      project_params, read_until, repo_mlflow_client, run_cmd, tool_env, write_params)
 
 pytestmark = pytest.mark.integration
 
@@ -51,18 +50,14 @@ def reference_params(mirror_url: str) -> dict:
 @pytest.fixture(scope="module")
 def evaluated(evaluated_repo, tmp_path_factory) -> Path:
     """The shared evaluated repository with this module's params, the train stage not yet run: tests train in
-    copies of it (``copy_of``), where DVC finds the stages before train up to date."""
+    copies of it (``copy_repo``), where DVC finds the stages before train up to date."""
     return copy_repo(evaluated_repo, tmp_path_factory.mktemp("evaluated"), reference_params(UNUSED_MIRROR))
-
-
-def copy_of(repo: Path, folder: Path) -> Path:
-    return Path(shutil.copytree(repo, folder / "repo", symlinks=True))
 
 
 @pytest.fixture(scope="module")
 def trained(evaluated, tmp_path_factory):
     """One uninterrupted `dvc repro train@mnist`: (repo, its output, its end-of-run report as it first was)."""
-    repo = copy_of(evaluated, tmp_path_factory.mktemp("trained"))
+    repo = copy_repo(evaluated, tmp_path_factory.mktemp("trained"))
     result = run_cmd(["dvc", "repro", "train@mnist"], repo)
     assert "Running stage 'evaluator@mnist'" not in result.stdout  # the copy's earlier stages are up to date
     return repo, result.stdout + result.stderr, json.loads((repo / "metrics/train/mnist.json").read_text())
@@ -185,7 +180,7 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(traine
     the re-run resumes from the checkpoint before it, in the same MLflow run, and ends exactly where an
     uninterrupted run does."""
     _, _, reference = trained  # uninterrupted, same params and seed
-    repo = copy_of(evaluated, tmp_path)
+    repo = copy_repo(evaluated, tmp_path)
 
     # The same run, SIGKILLed with its whole process group, DVC and the driver, once Ray has registered
     # the checkpoint of epoch 3.
@@ -228,9 +223,7 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(traine
         list(range(1, EPOCHS + 1))
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/d")]
     assert len(loss_steps) == len(set(loss_steps)) > 0
-    grids = [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "images") if f.path.endswith(".png")]
-    assert sorted(int(re.match(r"samples\+step\+(\d+)\+", name).group(1)) for name in grids) == \
-        list(range(1, EPOCHS + 1))
+    assert image_steps(client, run.info.run_id) == list(range(1, EPOCHS + 1))  # one grid per epoch
     # Resume is exact, from either checkpoint: the interrupted run ends where the uninterrupted one did.
     for key in ("fid", "kid", "class_coverage", "loss_d", "loss_g"):
         assert summary[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
@@ -242,7 +235,7 @@ def test_killed_driver_resumes_from_its_checkpoint_in_the_same_mlflow_run(traine
 
 
 def test_diverged_run_is_marked_failed_with_reason(evaluated, tmp_path):
-    repo = copy_of(evaluated, tmp_path)
+    repo = copy_repo(evaluated, tmp_path)
     params = write_params(repo, "diverged.yaml", train={"optimizer": "sgd", "lr_d": 1e30, "lr_g": 1e30, "epochs": 2},
                           model={"name": "mlp", "hidden": [32, 64]}, ray={"num_workers": 1})
     result = run_cmd(["ganpipe", "--params", params, "train", "--dataset", "mnist"], repo, check=False)
