@@ -53,6 +53,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
+from gan.conditioning import CONDITIONAL  # noqa: E402
 from scratch import subset_mirror  # noqa: E402
 
 MNIST_TRAIN = 60_000
@@ -412,7 +413,7 @@ def main() -> None:
     parser.add_argument("--sweep-epochs", type=int, default=2)
     parser.add_argument("--sweep-train-images", type=int, default=20_000,
                         help="the sweeps' train split (a third of MNIST: four sweeps fit the 8 minutes)")
-    parser.add_argument("--conditional", default="concat", choices=["none", "concat", "projection"],
+    parser.add_argument("--conditional", default="concat", choices=CONDITIONAL,
                         help="after the sweeps, the train stage again with this model.conditional (none: skip)")
     parser.add_argument("--deadline-s", type=float, default=460,
                         help="start no section after this many seconds of the run (the machine's time is short)")

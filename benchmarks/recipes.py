@@ -47,7 +47,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 # Class-conditional rows: (the row they condition, model.conditional).
 CONDITIONAL_ROWS = {"default+concat": ("default", "concat"), "default+projection": ("default", "projection"),
-                    "pytorch-examples+concat": ("pytorch-examples", "concat")}
+                    "default+acgan": ("default", "acgan"), "pytorch-examples+concat": ("pytorch-examples", "concat")}
 
 
 def rows(params: dict, variants: list[str]) -> dict[str, dict]:

@@ -9,6 +9,10 @@
   ``concat`` and its BatchNorm layers become class-conditional (per-class gain and
   bias, as in BigGAN-deep); D's logit gains the inner product of a label embedding
   with D's penultimate features. An MLP G has no BatchNorm: there G is ``concat``'s.
+- ``acgan`` (Odena et al. 2017): G is ``concat``'s; D does not see the label but
+  predicts it: a class head beside the real/fake head on D's penultimate features.
+  D learns to classify real images, and G to draw fakes that D classifies as asked
+  (cross-entropies weighted by ``train.class_weight``, in the engine).
 
 The wrappers keep the unconditional networks' building blocks, so every model of
 ``gan.models.MODELS`` that sees images can be conditioned. Labels are int64 class
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONDITIONAL = ("none", "concat", "projection")
+CONDITIONAL = ("none", "concat", "projection", "acgan")
 # G's label embedding joins z (100 wide by default). At 10 wide (one per class) the label was a tenth of the
 # input and G learned to follow it slowly (cond accuracy ~0.35 after 300 MNIST updates); at 64, ~0.75.
 LABEL_EMBEDDING = 64
@@ -159,6 +163,29 @@ class ProjectionDiscriminator(nn.Module):
         return self.head(features).reshape(-1) + (self.embedding(labels).to(features.dtype) * features).sum(1)
 
 
+class AuxiliaryClassifierDiscriminator(nn.Module):
+    """AC-GAN's D: D(x) -> (real/fake logits, class logits) from D's penultimate features; labels unused."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear, num_classes: int):
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(head.in_features, num_classes)
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_labels(labels, x.shape[0])  # the engine passes them; a caller without them has the wrong model
+        features = self.body(x)
+        return self.head(features).reshape(-1), self.classifier(features)
+
+
+def split_logits(output: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(real/fake logits, class logits or None) of any discriminator's output, in float32."""
+    if isinstance(output, tuple):
+        return output[0].float(), output[1].float()
+    return output.float(), None
+
+
 Builder = Callable[..., tuple[nn.Module, nn.Module]]
 
 
@@ -190,4 +217,6 @@ def build_conditional(builder: Builder, conditional: str, num_classes: int, shap
         return generator, ConcatDiscriminator(joined_d.net, num_classes, as_planes=images)
     _, base_d = builder(shape, latent_dim, *args)
     body, head = base_d.net[:-1], base_d.net[-1]
+    if conditional == "acgan":
+        return generator, AuxiliaryClassifierDiscriminator(body, head, num_classes)
     return generator, ProjectionDiscriminator(body, head, num_classes)

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gan.checkpoint import TrainerState
-from gan.conditioning import class_rows, label_args, split_batch, split_batches
+from gan.conditioning import class_rows, label_args, split_batch, split_batches, split_logits
 from gan.graph import CapturedIteration
 from gan.losses import LOSSES, clip_weights, interpolate, penalty_at
 from gan.sampling import Sampling
@@ -61,6 +62,7 @@ class EngineConfig:
     g_steps: int = 1
     clip_value: float = 0.01
     gp_weight: float = 10.0
+    class_weight: float = 1.0  # acgan: weight of the class head's cross-entropy in D's and G's losses
     lr_decay_gamma: float = 1.0
     lr_decay_every: int = 1000
     d_pretrain_steps: int = 0
@@ -239,9 +241,12 @@ class GANTrainer(TrainerState, Sampling):
             batch.append(points)
             labels += [real_labels] if labels else []  # the penalty at (x, y) pairs: x's real end's class
         with self._autocast():
-            logits = self.discriminator(torch.cat(batch), *label_args(torch.cat(labels) if labels else None)).float()
+            output = self.discriminator(torch.cat(batch), *label_args(torch.cat(labels) if labels else None))
+        logits, class_logits = split_logits(output)
         real_logits, fake_logits = logits[:n], logits[n:2 * n]
         loss = self.loss.d_loss(real_logits, fake_logits, self.config.label_smoothing)
+        if class_logits is not None:  # acgan: the class head learns on real images only (fakes: G's mistakes)
+            loss = loss + self.config.class_weight * F.cross_entropy(class_logits[:n], real_labels)
         if self.config.loss == "wgan_gp":
             loss = loss + self.config.gp_weight * penalty_at(points, logits[2 * n:])
         self.opt_d.zero_grad(set_to_none=True)
@@ -270,8 +275,11 @@ class GANTrainer(TrainerState, Sampling):
         labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
         with self._autocast():
             fake = self.generator(self.noise(n), *label_args(fake_labels))
-            logits = self.d_module(torch.cat([real, fake.to(real.dtype)]), *label_args(labels))[n:].float()
-        loss = self.loss.g_loss(logits)
+            output = self.d_module(torch.cat([real, fake.to(real.dtype)]), *label_args(labels))
+        logits, class_logits = split_logits(output)
+        loss = self.loss.g_loss(logits[n:])
+        if class_logits is not None:  # acgan: G draws what D's class head calls the asked class
+            loss = loss + self.config.class_weight * F.cross_entropy(class_logits[n:], fake_labels)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward(inputs=self._g_params)  # D's parameter gradients would be thrown away
         if self.gradient_sync is not None:

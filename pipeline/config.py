@@ -55,7 +55,7 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     activation: Literal["leaky_relu", "relu", "tanh"] = "leaky_relu"  # mlp / toy1d hidden layers
     spectral_norm: bool = False
-    conditional: Literal["none", "concat", "projection"] = "none"  # class-conditional G and D (gan.conditioning)
+    conditional: Literal["none", "concat", "projection", "acgan"] = "none"  # class-conditional (gan.conditioning)
 
 
 class TrainConfig(Section):
@@ -76,6 +76,7 @@ class TrainConfig(Section):
     g_steps: PositiveInt = 1
     clip_value: float = Field(0.01, gt=0)
     gp_weight: float = Field(10.0, ge=0)
+    class_weight: float = Field(1.0, ge=0)  # acgan: weight of D's class head in both losses
     lr_decay_gamma: float = Field(1.0, gt=0, le=1)
     lr_decay_every: PositiveInt = 1000
     d_pretrain_steps: int = Field(0, ge=0)
@@ -231,7 +232,7 @@ class Config(Section):
                              "have none (allowed there: none)")
         if self.sweep is not None and self.sweep.metric == "cond_accuracy" and "none" in trials:
             raise ValueError("sweep.metric cond_accuracy needs a conditional model in every trial "
-                             "(model.conditional or sweep.space.conditional: concat, projection)")
+                             "(model.conditional or sweep.space.conditional: concat, projection, acgan)")
         return self
 
     @model_validator(mode="after")

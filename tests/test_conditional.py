@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import synthetic_split
-from gan.conditioning import ConditionalBatchNorm2d, ProjectionDiscriminator
+from gan.conditioning import AuxiliaryClassifierDiscriminator, ConditionalBatchNorm2d, ProjectionDiscriminator
 from gan.data import DeviceBatches, shard
 from gan.engine import METRICS, EngineConfig, GANTrainer
 from gan.graph import CapturedIteration
@@ -51,7 +52,7 @@ def labelled_batches(n: int = 128, batch_size: int = 16, seed: int = 3) -> Devic
 # ---------------------------------------------------------------- models and losses
 
 
-@pytest.mark.parametrize("conditional", ["concat", "projection"])
+@pytest.mark.parametrize("conditional", ["concat", "projection"])  # acgan's D predicts the label instead: below
 @pytest.mark.parametrize("model", ["mlp", "dcgan", "dcgan_upsample"])
 def test_conditional_models_map_latents_and_labels_to_images_and_logits(model, conditional):
     generator, discriminator = conditional_models(model, conditional, spectral_norm=True)
@@ -82,10 +83,48 @@ def test_projection_uses_conditional_batchnorm_and_spectral_norm_on_its_embeddin
     assert sigma == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.parametrize("model", ["mlp", "dcgan", "dcgan_upsample"])
+def test_acgan_discriminator_predicts_the_class_instead_of_seeing_it(model):
+    generator, discriminator = conditional_models(model, "acgan", spectral_norm=True)
+    assert isinstance(discriminator, AuxiliaryClassifierDiscriminator)
+    assert nn.utils.parametrize.is_parametrized(discriminator.classifier, "weight")
+    discriminator.eval()
+    images = generator(torch.randn(5, 16), torch.arange(5)).detach()
+    logits, class_logits = discriminator(images, torch.arange(5))
+    assert logits.shape == (5,) and class_logits.shape == (5, CLASSES)
+    other_logits, other_class_logits = discriminator(images, torch.full((5,), 9))
+    assert torch.equal(logits, other_logits) and torch.equal(class_logits, other_class_logits)
+    with pytest.raises(ValueError, match="class-conditional: pass the class labels"):
+        discriminator(images)
+
+
+@pytest.mark.parametrize("class_weight", [0.0, 1.0])
+def test_acgan_class_head_learns_from_real_labels_and_g_from_the_asked_ones(class_weight):
+    """D's class head trains on the real batch's labels only; G's loss gains the cross-entropy of its fakes."""
+    trainer = make_trainer("dcgan", "acgan", class_weight=class_weight)
+    images, labels = labelled_data(16)
+    real = images.float().unsqueeze(1) / 127.5 - 1
+    head = trainer.d_module.classifier.weight.detach().clone()
+    trainer._d_update(real, labels)
+    assert torch.equal(head, trainer.d_module.classifier.weight) == (class_weight == 0)
+
+    generator, discriminator = copy.deepcopy(trainer.g_module), copy.deepcopy(trainer.d_module)
+    state = trainer.noise_generator.get_state()
+    loss_g = trainer._g_update(real, labels)[0]
+    trainer.noise_generator.set_state(state)  # the same fakes and fake labels again, by hand
+    fake_labels = trainer.fake_labels(16)
+    with torch.no_grad():
+        fake = generator(trainer.noise(16), fake_labels)
+        logits, class_logits = discriminator(torch.cat([real, fake]), torch.cat([labels, fake_labels]))
+    adversarial = nn.functional.binary_cross_entropy_with_logits(logits[16:], torch.ones(16))  # ns
+    cross_entropy = nn.functional.cross_entropy(class_logits[16:], fake_labels)
+    assert cross_entropy > 1.0  # an untrained head: about log(10)
+    assert loss_g == pytest.approx(float(adversarial + class_weight * cross_entropy), rel=1e-5)
+
+
 @pytest.mark.parametrize("loss", LOSS_NAMES)
-@pytest.mark.parametrize("model, conditional", [("mlp", "concat"), ("mlp", "projection"), ("dcgan", "concat"),
-                                                ("dcgan", "projection"), ("dcgan_upsample", "concat"),
-                                                ("dcgan_upsample", "projection")])
+@pytest.mark.parametrize("model, conditional", [(model, conditional) for model in ("mlp", "dcgan", "dcgan_upsample")
+                                                for conditional in ("concat", "projection", "acgan")])
 def test_conditional_models_train_with_every_loss(model, conditional, loss):
     trainer = make_trainer(model, conditional, loss=loss, log_every=2)
     result = trainer.train_epoch(labelled_batches(64))
@@ -173,9 +212,10 @@ def test_early_stop_with_labels():
     assert trainer.stopped_early and result.steps == 2
 
 
-def test_resume_with_labels_and_g_ema_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("conditional", ["projection", "acgan"])
+def test_resume_with_labels_and_g_ema_is_bit_exact(tmp_path, conditional):
     images, labels = labelled_data(128)
-    config = dict(loss="hinge", d_steps=2, log_every=2, g_ema=0.9)
+    config = dict(conditional=conditional, loss="hinge", d_steps=2, log_every=2, g_ema=0.9)
 
     def batches(seed: int = 3) -> DeviceBatches:
         return DeviceBatches(images, 16, seed=seed, labels=labels)
@@ -197,12 +237,13 @@ def test_resume_with_labels_and_g_ema_is_bit_exact(tmp_path):
                        resumed.sample(noise=resumed.fixed_noise, labels=resumed.fixed_labels))
 
 
-def test_graph_path_copies_labels_into_a_static_buffer_and_trains_like_eager_mode():
+@pytest.mark.parametrize("conditional", ["projection", "acgan"])
+def test_graph_path_copies_labels_into_a_static_buffer_and_trains_like_eager_mode(conditional):
     """The CPU fallback check: a graph whose replay runs the iteration on its static buffers."""
-    eager = make_trainer(log_every=1)
+    eager = make_trainer(conditional=conditional, log_every=1)
     expected = [eager.train_epoch(labelled_batches()).history for _ in range(2)]
 
-    trainer = make_trainer(log_every=1)
+    trainer = make_trainer(conditional=conditional, log_every=1)
     trainer.graph = CapturedIteration(trainer)
     replayed_labels = []
 
@@ -234,17 +275,18 @@ def test_graph_that_raises_falls_back_to_eager_with_labels():
     assert not trainer.use_graph and result.steps == 8
 
 
-def test_one_real_ddp_step_with_labels(tmp_path):
+@pytest.mark.parametrize("conditional", ["projection", "acgan"])
+def test_one_real_ddp_step_with_labels(tmp_path, conditional):
     """One-process gloo DDP: the conditional D wrapper gets cat([real, fake]) and their labels in one forward."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        generator, discriminator = conditional_models("dcgan", "projection")
+        generator, discriminator = conditional_models("dcgan", conditional)
         before = [p.detach().clone() for p in discriminator.parameters()]
         trainer = GANTrainer(DDP(generator), DDP(discriminator), EngineConfig(log_every=1), device="cpu")
         result = trainer.train_epoch(labelled_batches(32))
         assert result.steps == 2 and all(math.isfinite(v) for v in result.metrics.values())
         moved = [not torch.equal(a, b) for a, b in zip(before, trainer.d_module.parameters())]
-        assert all(moved)  # the projection embedding too: every D parameter got its gradient
+        assert all(moved)  # the projection embedding or the class head too: every D parameter got its gradient
         del trainer  # the DDP reducers hold the process group: release them before it is destroyed
         gc.collect()
     finally:
@@ -266,8 +308,8 @@ def test_unconditional_model_refuses_labels_and_conditional_one_needs_them():
     images, _ = labelled_data(32)
     with pytest.raises(ValueError, match="trains on \\(images, labels\\) batches"):
         make_trainer().train_epoch(DeviceBatches(images, 16))
-    with pytest.raises(ValueError, match="allowed: none, concat, projection"):
-        build_models("dcgan", IMAGE, conditional="acgan", num_classes=10)
+    with pytest.raises(ValueError, match="allowed: none, concat, projection, acgan"):
+        build_models("dcgan", IMAGE, conditional="cgan", num_classes=10)
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -275,11 +317,12 @@ def test_unconditional_model_refuses_labels_and_conditional_one_needs_them():
      "model.conditional projection needs class labels: toy1d and gaussian1d have none (allowed there: none)"),
     ({"data.datasets": ["mnist", "gaussian1d"], "model.conditional": "concat"},
      "model.conditional concat needs class labels"),
-    ({"model.conditional": "acgan"},
-     "model.conditional = 'acgan' is invalid: Input should be 'none', 'concat' or 'projection'"),
+    ({"model.conditional": "cgan"},
+     "model.conditional = 'cgan' is invalid: Input should be 'none', 'concat', 'projection' or 'acgan'"),
+    ({"train.class_weight": -1}, "train.class_weight = -1 is invalid"),
     ({"sweep.metric": "cond_accuracy"}, "sweep.metric cond_accuracy needs a conditional model in every trial"),
-    ({"sweep.space": {"conditional": ["none", "acgan"]}},
-     "sweep.space.conditional: 'acgan' is not a valid model.conditional"),
+    ({"sweep.space": {"conditional": ["none", "cgan"]}},
+     "sweep.space.conditional: 'cgan' is not a valid model.conditional"),
 ])
 def test_bad_conditional_settings_fail_in_one_line_naming_the_key(overrides, expected):
     from conftest import REPO_ROOT
@@ -338,7 +381,8 @@ def test_recipes_have_the_conditional_rows():
 
     plan = rows(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), [])
     assert {name: plan[name]["model"]["conditional"] for name in plan if "+" in name} == {
-        "default+concat": "concat", "default+projection": "projection", "pytorch-examples+concat": "concat"}
+        "default+concat": "concat", "default+projection": "projection", "default+acgan": "acgan",
+        "pytorch-examples+concat": "concat"}
     assert plan["pytorch-examples+concat"]["model"]["name"] == "dcgan"
     assert plan["default"]["model"].get("conditional", "none") == "none"
 
@@ -388,7 +432,7 @@ def two_class_data(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return images.clamp(0, 255).to(torch.uint8), labels
 
 
-@pytest.mark.parametrize("conditional", ["concat", "projection"])
+@pytest.mark.parametrize("conditional", ["concat", "projection", "acgan"])
 def test_a_short_run_on_two_distinct_classes_makes_g_draw_the_class_it_is_asked_for(conditional):
     # The default model and engine settings (dcgan_upsample, spectral norm, ns loss, Adam at 2e-4), small.
     # Conditional BatchNorm as G's only way in for the label (the first projection G) learned too slowly to
