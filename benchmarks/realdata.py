@@ -69,7 +69,7 @@ def train_and_score(params: dict, stick: Yardstick, device: torch.device, *, epo
         model["name"], (1, 28, 28), latent_dim=model["latent_dim"], hidden=tuple(model["hidden"]),
         channels=model["channels"], dropout=model["dropout"], activation=model.get("activation", "leaky_relu"),
         spectral_norm=model.get("spectral_norm", False), conditional=model.get("conditional", "none"),
-        num_classes=CLASSES)
+        num_classes=CLASSES, label_embedding=model["label_embedding"])
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(train), device=device,
                          seed=train["seed"] + 1000)
     conditional = model.get("conditional", "none") != "none"

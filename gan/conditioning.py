@@ -3,7 +3,7 @@
 ``model.conditional`` picks how the class label enters both networks:
 
 - ``concat`` (Mirza & Osindero 2014): G sees cat([z, embedding(y)]) (a learned
-  ``LABEL_EMBEDDING``-wide vector); D sees its input with the label joined: one-hot
+  ``label_embedding``-wide vector); D sees its input with the label joined: one-hot
   planes beside an image's channels, or the one-hot vector beside a flattened sample (MLP).
 - ``projection`` (Miyato & Koyama 2018): G sees cat([z, embedding(y)]) as in
   ``concat`` and its BatchNorm layers become class-conditional (per-class gain and
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CONDITIONAL = ("none", "concat", "projection", "acgan")
-# G's label embedding joins z (100 wide by default). At 10 wide (one per class) the label was a tenth of the
-# input and G learned to follow it slowly (cond accuracy ~0.35 after 300 MNIST updates); at 64, ~0.75.
+# G's label embedding joins z (100 wide by default). For concat, at 10 wide (one per class) the label was a
+# tenth of the input and G learned to follow it slowly (cond accuracy ~0.35 after 300 MNIST updates); at 64,
+# ~0.75. Wider follows the label better, narrower leaves z more room for variety (docs/conditional.md).
 LABEL_EMBEDDING = 64
 
 
@@ -190,10 +191,12 @@ Builder = Callable[..., tuple[nn.Module, nn.Module]]
 
 
 def build_conditional(builder: Builder, conditional: str, num_classes: int, shape: tuple[int, ...],
-                      latent_dim: int, *args) -> tuple[ConditionalGenerator, nn.Module]:
+                      latent_dim: int, *args, label_embedding: int = LABEL_EMBEDDING
+                      ) -> tuple[ConditionalGenerator, nn.Module]:
     """The (G, D) of an unconditional ``builder`` (``gan.models``), conditioned on ``num_classes`` classes.
 
     ``args``: the builder's arguments after the latent size (hidden, channels, dropout, activation).
+    ``label_embedding``: the width of G's label embedding, which joins z.
     """
     if conditional not in CONDITIONAL[1:]:
         raise ValueError(f"unknown conditional {conditional!r}; allowed: {', '.join(CONDITIONAL)}")
@@ -204,13 +207,14 @@ def build_conditional(builder: Builder, conditional: str, num_classes: int, shap
     # classes start identical (gains N(1, 0.02), biases 0) and Adam moves each per-class gain by about lr
     # per update, so after 600 updates at lr 2e-4 the classes differ by ~0.1 of a unit-variance activation:
     # conditional accuracy stayed at chance. BigGAN-deep, too, feeds the class embedding to the first layer.
-    embed_dim = LABEL_EMBEDDING
-    joined_g, _ = builder(shape, latent_dim + embed_dim, *args)
+    if label_embedding < 1:
+        raise ValueError(f"label_embedding must be >= 1, got {label_embedding}")
+    joined_g, _ = builder(shape, latent_dim + label_embedding, *args)
     net = joined_g.net
     if conditional == "projection" and any(isinstance(m, nn.BatchNorm2d) for m in net):
         net = with_conditional_batchnorm(net, num_classes)  # and every BatchNorm is class-conditional
     generator = ConditionalGenerator(net, latent_dim, shape, num_classes,
-                                     embedding=nn.Embedding(num_classes, embed_dim))
+                                     embedding=nn.Embedding(num_classes, label_embedding))
     if conditional == "concat":
         d_shape = (shape[0] + num_classes, *shape[1:]) if images else (math.prod(shape) + num_classes,)
         _, joined_d = builder(d_shape, latent_dim, *args)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from gan.conditioning import CONDITIONAL, build_conditional
+from gan.conditioning import CONDITIONAL, LABEL_EMBEDDING, build_conditional
 
 
 class Generator(nn.Module):
@@ -225,10 +225,12 @@ def build_models(
     spectral_norm: bool = False,
     conditional: str = "none",
     num_classes: int = 0,
+    label_embedding: int = LABEL_EMBEDDING,
 ) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) of the named model for samples of ``shape``.
 
-    ``conditional`` other than "none": class-conditional on ``num_classes`` classes (``gan.conditioning``).
+    ``conditional`` other than "none": class-conditional on ``num_classes`` classes (``gan.conditioning``),
+    G's label embedding ``label_embedding`` wide.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
@@ -240,7 +242,8 @@ def build_models(
     if conditional == "none":
         generator, discriminator = MODELS[name](*arguments)
     else:
-        generator, discriminator = build_conditional(MODELS[name], conditional, num_classes, *arguments)
+        generator, discriminator = build_conditional(MODELS[name], conditional, num_classes, *arguments,
+                                                     label_embedding=label_embedding)
     if spectral_norm:
         spectral_normalize(discriminator)
     return generator, discriminator

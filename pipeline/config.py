@@ -56,6 +56,7 @@ class ModelConfig(Section):
     activation: Literal["leaky_relu", "relu", "tanh"] = "leaky_relu"  # mlp / toy1d hidden layers
     spectral_norm: bool = False
     conditional: Literal["none", "concat", "projection", "acgan"] = "none"  # class-conditional (gan.conditioning)
+    label_embedding: PositiveInt = 64  # width of G's label embedding, which joins z (conditional models)
 
 
 class TrainConfig(Section):

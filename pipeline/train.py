@@ -61,7 +61,7 @@ def build_generator_and_discriminator(m: ModelConfig, dataset: str):
     return build_models(m.name, shape=DATASETS[dataset].shape, latent_dim=m.latent_dim, hidden=tuple(m.hidden),
                         channels=m.channels, dropout=m.dropout, activation=m.activation,
                         spectral_norm=m.spectral_norm, conditional=m.conditional,
-                        num_classes=len(DATASETS[dataset].classes))
+                        num_classes=len(DATASETS[dataset].classes), label_embedding=m.label_embedding)
 
 
 def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:

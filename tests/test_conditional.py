@@ -96,6 +96,9 @@ def test_acgan_discriminator_predicts_the_class_instead_of_seeing_it(model):
     assert torch.equal(logits, other_logits) and torch.equal(class_logits, other_class_logits)
     with pytest.raises(ValueError, match="class-conditional: pass the class labels"):
         discriminator(images)
+    narrow, _ = conditional_models(model, "acgan", label_embedding=4)
+    assert generator.embedding.embedding_dim == 64 and narrow.embedding.embedding_dim == 4
+    assert narrow(torch.randn(5, 16), torch.arange(5)).shape == (5, *IMAGE)
 
 
 @pytest.mark.parametrize("class_weight", [0.0, 1.0])
@@ -320,6 +323,7 @@ def test_unconditional_model_refuses_labels_and_conditional_one_needs_them():
     ({"model.conditional": "cgan"},
      "model.conditional = 'cgan' is invalid: Input should be 'none', 'concat', 'projection' or 'acgan'"),
     ({"train.class_weight": -1}, "train.class_weight = -1 is invalid"),
+    ({"model.label_embedding": 0}, "model.label_embedding = 0 is invalid"),
     ({"sweep.metric": "cond_accuracy"}, "sweep.metric cond_accuracy needs a conditional model in every trial"),
     ({"sweep.space": {"conditional": ["none", "cgan"]}},
      "sweep.space.conditional: 'cgan' is not a valid model.conditional"),

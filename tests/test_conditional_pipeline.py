@@ -19,9 +19,9 @@ EPOCHS, CLASSES, SIDE = 2, 10, 28 + 2  # a grid cell: the image and its padding
 
 @pytest.fixture(scope="module")
 def conditional_repo(evaluated_repo, tmp_path_factory):
-    """One `dvc repro train@mnist` of a small projection cGAN on the synthetic set, with 2 DDP workers."""
+    """One `dvc repro train@mnist` of a small AC-GAN on the synthetic set, with 2 DDP workers (D gives two outputs)."""
     params = project_params(
-        model={"name": "dcgan", "channels": 8, "latent_dim": 16, "conditional": "projection"},
+        model={"name": "dcgan", "channels": 8, "latent_dim": 16, "conditional": "acgan"},
         train={"epochs": EPOCHS, "batch_size": 64, "eval_samples": 200, "log_every": 2},
         ray={"num_workers": 2, "use_gpu": False, "max_failures": 0},
     )
@@ -39,7 +39,7 @@ def test_conditional_run_reports_conditional_accuracy_and_per_class_fid(conditio
 
     client = repo_mlflow_client(repo)
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.data.params["model.conditional"] == "projection" and run.info.run_name == "dcgan+projection-ns-d1g1"
+    assert run.data.params["model.conditional"] == "acgan" and run.info.run_name == "dcgan+acgan-ns-d1g1"
     history = client.get_metric_history(run.info.run_id, "quality/cond_accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
     assert history[-1].value == pytest.approx(summary["cond_accuracy"], rel=1e-6)
