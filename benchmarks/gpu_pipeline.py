@@ -19,7 +19,7 @@ The JSON is rewritten after every section, so a cut-off run keeps what it measur
   sweep        the same 8-trial, 2-epoch sweep at each ``sweep.trials_per_gpu``: ``wall_s``,
                ``trials_per_hour``, ``trials_finished``, peak memory per trial process
   conditional_train
-               the train stage again with ``model.conditional: concat`` at the same budget: FID and
+               the train stage again with ``model.conditional: acgan`` at the same budget: FID and
                ``cond_accuracy`` per epoch, and a grid of one row per class drawn on the CPU
 
 Sweeps run at 1, 8 and 4 trials per GPU, then the conditional run, then 2; no section starts after
@@ -413,7 +413,7 @@ def main() -> None:
     parser.add_argument("--sweep-epochs", type=int, default=2)
     parser.add_argument("--sweep-train-images", type=int, default=20_000,
                         help="the sweeps' train split (a third of MNIST: four sweeps fit the 8 minutes)")
-    parser.add_argument("--conditional", default="concat", choices=CONDITIONAL,
+    parser.add_argument("--conditional", default="acgan", choices=CONDITIONAL,
                         help="after the sweeps, the train stage again with this model.conditional (none: skip)")
     parser.add_argument("--deadline-s", type=float, default=460,
                         help="start no section after this many seconds of the run (the machine's time is short)")
