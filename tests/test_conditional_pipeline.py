@@ -114,3 +114,20 @@ def test_unconditional_generator_asked_for_a_label_is_a_one_line_error(tmp_path,
         assert code == 1 and err.count("\n") == 1, err
         assert f"{option[0]}: this generator is unconditional (model.conditional: none)" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_rebuilds_the_label_embedding_width_the_checkpoint_was_trained_with(tmp_path, monkeypatch):
+    from conftest import REPO_ROOT
+    from gan.models import build_models
+    from pipeline import cli
+    from pipeline.config import ModelConfig
+
+    model = ModelConfig(name="mlp", hidden=[16], latent_dim=8, conditional="acgan", label_embedding=4)
+    generator, _ = build_models("mlp", latent_dim=8, hidden=(16,), conditional="acgan", num_classes=CLASSES,
+                                label_embedding=4)
+    torch.save({"state_dict": generator.state_dict(), "model": model.model_dump(), "dataset": "mnist"},
+               tmp_path / "generator.pt")
+    monkeypatch.chdir(tmp_path)  # params.yaml's label_embedding (64) must not be the one used
+    code = cli.main(["--params", str(REPO_ROOT / "params.yaml"), "sample", "--dataset", "mnist",
+                     "--checkpoint", "generator.pt", "--label", "3", "-n", "4", "-o", "threes.png"])
+    assert code == 0 and Image.open(tmp_path / "threes.png").size == (2 + 2 * SIDE, 2 + 2 * SIDE)
