@@ -147,14 +147,21 @@ class ConcatDiscriminator(nn.Module):
         return self.net(torch.cat([x.flatten(1), one_hot], 1)).reshape(-1)
 
 
-class ProjectionDiscriminator(nn.Module):
-    """D(x, y) = head(phi(x)) + <embed(y), phi(x)>, phi being D's penultimate (flattened) features."""
+class _HeadedDiscriminator(nn.Module):
+    """An unconditional D split at its last layer: ``body`` gives the penultimate features, ``head`` the logit."""
 
     def __init__(self, body: nn.Module, head: nn.Linear, num_classes: int):
         super().__init__()
         self.body = body
         self.head = head
         self.num_classes = num_classes
+
+
+class ProjectionDiscriminator(_HeadedDiscriminator):
+    """D(x, y) = head(phi(x)) + <embed(y), phi(x)>, phi being D's penultimate (flattened) features."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear, num_classes: int):
+        super().__init__(body, head, num_classes)
         self.embedding = nn.Embedding(num_classes, head.in_features)
         nn.init.normal_(self.embedding.weight, 0.0, 0.02)
 
@@ -164,14 +171,11 @@ class ProjectionDiscriminator(nn.Module):
         return self.head(features).reshape(-1) + (self.embedding(labels).to(features.dtype) * features).sum(1)
 
 
-class AuxiliaryClassifierDiscriminator(nn.Module):
+class AuxiliaryClassifierDiscriminator(_HeadedDiscriminator):
     """AC-GAN's D: D(x) -> (real/fake logits, class logits) from D's penultimate features; labels unused."""
 
     def __init__(self, body: nn.Module, head: nn.Linear, num_classes: int):
-        super().__init__()
-        self.body = body
-        self.head = head
-        self.num_classes = num_classes
+        super().__init__(body, head, num_classes)
         self.classifier = nn.Linear(head.in_features, num_classes)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
