@@ -9,8 +9,10 @@ recipes.json (every figure) and recipes-<dataset>.png (each row's samples side b
     python benchmarks/recipes.py --data-root DIR [--datasets mnist fashion_mnist] [--epochs 10]
         [--score-at 2 5] [--eval-samples 10000] [--variant 'name:train.g_ema=0.999;model.spectral_norm=true']
 
-The class-conditional rows (``CONDITIONAL_ROWS``) add "cond acc" (the share of samples
-drawn for class k that the evaluator calls k) to the table; the others show "-".
+Conditional rows (the default is acgan; ``CONDITIONAL_ROWS`` change only model.conditional) add
+"cond acc" (the share of samples drawn for class k that the evaluator calls k) to the table; the
+unconditional ones show "-". ``--set model.conditional=none`` reruns the tables measured before the
+default was conditional: it changes params.yaml for the run, and presets still replace the keys they set.
 
 DIR holds one folder per dataset with its four IDX .gz files (a ``data.mirrors`` folder).
 Torch only: it runs on a GPU machine without Ray, MLflow or DVC.
@@ -45,9 +47,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-# Class-conditional rows: (the row they condition, model.conditional).
-CONDITIONAL_ROWS = {"default+concat": ("default", "concat"), "default+projection": ("default", "projection"),
-                    "default+acgan": ("default", "acgan"), "pytorch-examples+concat": ("pytorch-examples", "concat")}
+# Rows that change only model.conditional: (the row they start from, model.conditional). The default is
+# acgan; default+none is the same GAN unconditional, the default before acgan beat it.
+CONDITIONAL_ROWS = {"default+none": ("default", "none"), "default+concat": ("default", "concat"),
+                    "default+projection": ("default", "projection"),
+                    "pytorch-examples+concat": ("pytorch-examples", "concat")}
 
 
 def rows(params: dict, variants: list[str]) -> dict[str, dict]:
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=10_000)
     parser.add_argument("--train-images", type=int, help="train on the first N real images only (default: all)")
     parser.add_argument("--variant", action="append", default=[], help="name:dotted.key=value;... over the default")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change params.yaml for this run (presets still replace the keys they set)")
     parser.add_argument("--only", nargs="*", help="train only these rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs")
@@ -119,6 +125,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     params = yaml.safe_load(args.params.read_text())
+    params = apply_overrides(params, parse_variant(":" + ";".join(args.set))[1])
     plan = rows(params, args.variant)
     if args.only:
         plan = {name: plan[name] for name in args.only}

@@ -373,22 +373,28 @@ def test_conditional_is_a_sweep_dimension_of_the_model_section(tmp_path):
     assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (302, 242 * 2 + 8)
 
 
-def test_recipes_have_the_conditional_rows():
+def test_the_default_is_acgan_and_the_tutorial_recipes_stay_unconditional():
     import sys
 
     import yaml
 
     from conftest import REPO_ROOT
+    from pipeline.presets import available
 
     sys.path[:0] = [str(REPO_ROOT / "benchmarks")]
     from recipes import rows
 
     plan = rows(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), [])
+    assert plan["default"]["model"]["conditional"] == "acgan"
+    assert plan["default"]["model"]["label_embedding"] == 16
     assert {name: plan[name]["model"]["conditional"] for name in plan if "+" in name} == {
-        "default+concat": "concat", "default+projection": "projection", "default+acgan": "acgan",
+        "default+none": "none", "default+concat": "concat", "default+projection": "projection",
         "pytorch-examples+concat": "concat"}
     assert plan["pytorch-examples+concat"]["model"]["name"] == "dcgan"
-    assert plan["default"]["model"].get("conditional", "none") == "none"
+    unconditional = dict(plan["default"], model={**plan["default"]["model"], "conditional": "none"})
+    assert plan["default+none"] == unconditional  # the default before acgan, nothing else changed
+    tutorials = set(available(REPO_ROOT)) - {"demo"}
+    assert len(tutorials) == 6 and all(plan[name]["model"]["conditional"] == "none" for name in tutorials)
 
 
 # ---------------------------------------------------------------- conditional metrics
