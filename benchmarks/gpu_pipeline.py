@@ -18,13 +18,14 @@ The JSON is rewritten after every section, so a cut-off run keeps what it measur
   export       the generator that the run registered, loaded on the CPU by ``ganpipe sample --mlflow-run``
   sweep        the same 8-trial, 2-epoch sweep at each ``sweep.trials_per_gpu``: ``wall_s``,
                ``trials_per_hour``, ``trials_finished``, peak memory per trial process
-  conditional_train
-               the train stage again with ``model.conditional: acgan`` at the same budget: FID and
-               ``cond_accuracy`` per epoch, and a grid of one row per class drawn on the CPU
+  compare_train
+               the train stage again with another ``model.conditional`` (``--compare``; default none, the
+               unconditional GAN) at the same budget: FID (and ``cond_accuracy``) per epoch beside the
+               default's, and for a conditional model a grid of one row per class drawn on the CPU
 
-Sweeps run at 1, 8 and 4 trials per GPU, then the conditional run, then 2; no section starts after
+Sweeps run at 1, 8 and 4 trials per GPU, then the comparison run, then 2; no section starts after
 ``--deadline-s`` (460 s), so that the run ends inside the machine's 8 minutes with what it measured.
-Pictures (the exported generator's grid, the per-class grid) land beside the JSON.
+Pictures (the exported generator's grid; a conditional ``--compare``'s per-class grid) land beside the JSON.
 
 The printed table checks issue 18's targets: fixed cost <= 15% + 20 s per stage, train >= 80% of the
 engine's img/s, the best trials_per_gpu >= 3x the sweep throughput of one trial per GPU, and
@@ -212,26 +213,28 @@ def epoch_rows(epochs: pd.DataFrame) -> list[dict]:
              **{key: round(float(row[key]), 4) for key in scores}} for _, row in epochs.iterrows()]
 
 
-def conditional_train(repo: Path, logs: Path, env: dict, conditional: str, pictures: Path) -> dict:
+def compare_train(repo: Path, logs: Path, env: dict, conditional: str, pictures: Path) -> dict:
     """The train stage again with ``model.conditional`` set, at the same budget: issue 20's full-budget row.
 
-    Its registered generator draws a grid of one row per class, on the CPU, into ``pictures``.
+    A conditional model's registered generator draws a grid of one row per class, on the CPU, into ``pictures``.
     """
     params_file = repo / "params.yaml"
-    unconditional = params_file.read_text()
-    params = yaml.safe_load(unconditional)
+    default = params_file.read_text()
+    params = yaml.safe_load(default)
     params["model"]["conditional"] = conditional
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         wall = command(["ganpipe", "train", "--dataset", "mnist"], repo, logs / f"train-{conditional}.log", env)
     finally:
-        params_file.write_text(unconditional)
+        params_file.write_text(default)
     report = json.loads((repo / "metrics/train/mnist.json").read_text())
-    grid = pictures / f"gpu_{conditional}_per_class.png"
-    command(["ganpipe", "sample", "--dataset", "mnist", "--mlflow-run", report["mlflow_run_id"], "--per-class", "10",
-             "-o", str(grid)], repo, logs / "sample-per-class.log", {**env, "CUDA_VISIBLE_DEVICES": ""})
-    return {"conditional": conditional, "wall_s": round(wall, 2), "mlflow_run_id": report["mlflow_run_id"],
-            "per_class_grid": grid.name,
+    grid = {}
+    if conditional != "none":
+        path = pictures / f"gpu_{conditional}_per_class.png"
+        command(["ganpipe", "sample", "--dataset", "mnist", "--mlflow-run", report["mlflow_run_id"], "--per-class",
+                 "10", "-o", str(path)], repo, logs / "sample-per-class.log", {**env, "CUDA_VISIBLE_DEVICES": ""})
+        grid = {"per_class_grid": path.name}
+    return {"conditional": conditional, "wall_s": round(wall, 2), "mlflow_run_id": report["mlflow_run_id"], **grid,
             "cuda_graph": report.get("cuda_graph"), "graph_fallback_reason": report.get("graph_fallback_reason"),
             "status": report.get("status"), "epochs": epoch_rows(pd.read_csv(repo / "plots/quality/mnist.csv"))}
 
@@ -413,8 +416,9 @@ def main() -> None:
     parser.add_argument("--sweep-epochs", type=int, default=2)
     parser.add_argument("--sweep-train-images", type=int, default=20_000,
                         help="the sweeps' train split (a third of MNIST: four sweeps fit the 8 minutes)")
-    parser.add_argument("--conditional", default="acgan", choices=CONDITIONAL,
-                        help="after the sweeps, the train stage again with this model.conditional (none: skip)")
+    parser.add_argument("--compare", default="none", choices=[*CONDITIONAL, "skip"],
+                        help="after the sweeps, the train stage again with this model.conditional (default none: "
+                             "the unconditional GAN beside the default acgan)")
     parser.add_argument("--deadline-s", type=float, default=460,
                         help="start no section after this many seconds of the run (the machine's time is short)")
     args = parser.parse_args()
@@ -455,12 +459,12 @@ def main() -> None:
         guarded(report, "sweep_stages", lambda: {"train_images": sweep_images,
                                                  **stages(sweep_repo, logs / "sweep", env)})
     deadline = None if args.smoke else started + args.deadline_s
-    # The conditional run goes after the first three sweeps (1, 8 and the default 4 trials per GPU): the
+    # The comparison run goes after the first three sweeps (1, 8 and the default 4 trials per GPU): the
     # shares' comparison comes first, and the deadline cuts what is left.
     sections = [(f"sweep_{n}", functools.partial(sweep, sweep_repo, logs, n, env)) for n in args.trials_per_gpu]
-    if args.conditional != "none":
-        sections.insert(min(3, len(sections)), ("conditional_train", functools.partial(
-            conditional_train, repo, logs, env, args.conditional, report.path.parent)))
+    if args.compare != "skip":
+        sections.insert(min(3, len(sections)), ("compare_train", functools.partial(
+            compare_train, repo, logs, env, args.compare, report.path.parent)))
     rows = []
     for name, make in sections:
         value = guarded(report, name, make, deadline)
@@ -527,13 +531,13 @@ def print_table(data: dict) -> None:
         best = max(rows, key=lambda r: r["trials_per_hour"])
         print(f"best: trials_per_gpu {best['trials_per_gpu']}, {_ratio(best['trials_per_hour'], base)}x one trial "
               "per GPU (target >= 3)")
-    conditional = data.get("conditional_train", {})
-    if "epochs" in conditional and "epochs" in train:
-        final, plain = conditional["epochs"][-1], train["epochs"][-1]
-        print(f"\nat the train stage's budget ({plain['epoch']} epochs): FID {plain['fid']:.3f} unconditional, "
-              f"{final['fid']:.3f} with model.conditional={conditional['conditional']} "
-              f"({final['fid'] / plain['fid'] - 1:+.0%}); cond_accuracy {final.get('cond_accuracy')}; "
-              f"graph_fallback_reason {conditional['graph_fallback_reason']}")
+    compared = data.get("compare_train", {})
+    if "epochs" in compared and "epochs" in train:
+        other, default = compared["epochs"][-1], train["epochs"][-1]
+        print(f"\nat the train stage's budget ({default['epoch']} epochs): FID {default['fid']:.3f} with the default "
+              f"(cond_accuracy {default.get('cond_accuracy')}), {other['fid']:.3f} with "
+              f"model.conditional={compared['conditional']} ({other['fid'] / default['fid'] - 1:+.0%}; cond_accuracy "
+              f"{other.get('cond_accuracy')}); graph_fallback_reason {compared['graph_fallback_reason']}")
     if "export" in data:
         print(f"\nexport: {data['export']}")
     failed = [name for name, value in data.items() if isinstance(value, dict) and "error" in value]

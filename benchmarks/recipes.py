@@ -105,7 +105,7 @@ def table(results: dict[str, dict], stick, epochs: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, required=True, help="folder with <dataset>/ IDX mirrors")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
@@ -120,15 +120,24 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="train only these rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs")
-    args = parser.parse_args()
+    return parser
 
+
+def plan_of(args: argparse.Namespace) -> tuple[dict, dict[str, dict]]:
+    """params.yaml with --set applied, and the rows to train: every row, or --only's in its order."""
+    params = apply_overrides(yaml.safe_load(args.params.read_text()), parse_variant(":" + ";".join(args.set))[1])
+    plan = rows(params, args.variant)
+    unknown = sorted(set(args.only or []) - set(plan))
+    if unknown:
+        raise SystemExit(f"--only {' '.join(unknown)}: no such row (rows: {', '.join(plan)})")
+    return params, {name: plan[name] for name in args.only} if args.only else plan
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
-    params = yaml.safe_load(args.params.read_text())
-    params = apply_overrides(params, parse_variant(":" + ";".join(args.set))[1])
-    plan = rows(params, args.variant)
-    if args.only:
-        plan = {name: plan[name] for name in args.only}
+    params, plan = plan_of(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report_path = args.out_dir / "recipes.json"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -324,7 +324,12 @@ def test_unconditional_model_refuses_labels_and_conditional_one_needs_them():
      "model.conditional = 'cgan' is invalid: Input should be 'none', 'concat', 'projection' or 'acgan'"),
     ({"train.class_weight": -1}, "train.class_weight = -1 is invalid"),
     ({"model.label_embedding": 0}, "model.label_embedding = 0 is invalid"),
-    ({"sweep.metric": "cond_accuracy"}, "sweep.metric cond_accuracy needs a conditional model in every trial"),
+    ({"model.conditional": "none", "sweep.metric": "cond_accuracy"},
+     "sweep.metric cond_accuracy needs a conditional model in every trial"),
+    ({"sweep.metric": "cond_accuracy", "sweep.space": {"conditional": ["none", "acgan"]}},
+     "sweep.metric cond_accuracy needs a conditional model in every trial"),
+    ({"model.name": "toy1d", "data.datasets": ["gaussian1d"]},  # the default is acgan: the toy must say none
+     "model.conditional acgan needs class labels: toy1d and gaussian1d have none (allowed there: none)"),
     ({"sweep.space": {"conditional": ["none", "cgan"]}},
      "sweep.space.conditional: 'cgan' is not a valid model.conditional"),
 ])

@@ -127,27 +127,67 @@ def parse_override(text: str) -> dict:
     return {key: yaml.safe_load(value)}
 
 
-OVERRIDES = sorted({(page_id(page), item) for page in PAGES for item in overrides_in(page.read_text())})
+# The overrides of one line go together, as one `dvc exp run` applies them.
+OVERRIDES = sorted({(page_id(page), " -S ".join(found)) for page in PAGES
+                    for line in page.read_text().replace("\\\n", " ").splitlines() if (found := overrides_in(line))})
 
 
 def test_the_pages_show_overrides():
     assert len(OVERRIDES) >= 10
 
 
-@pytest.mark.parametrize("page,override", OVERRIDES, ids=[f"{page}: {item}" for page, item in OVERRIDES])
-def test_every_dvc_override_shown_names_a_key_the_config_accepts(page, override):
-    assert re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+=.*|preset=.*", override), f"{page}: -S {override}"
-    raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"), parse_override(override))
+@pytest.mark.parametrize("page,overrides", OVERRIDES, ids=[f"{page}: {items}" for page, items in OVERRIDES])
+def test_every_dvc_override_shown_names_a_key_the_config_accepts(page, overrides):
+    raw = read_params(REPO_ROOT / "params.yaml")
+    for override in overrides.split(" -S "):
+        assert re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+=.*|preset=.*", override), f"{page}: -S {override}"
+        raw = apply_overrides(raw, parse_override(override))
     try:
         validate(apply_preset(raw, REPO_ROOT))
     except ConfigError as err:
-        pytest.fail(f"{page}: -S {override}: {err}")
+        pytest.fail(f"{page}: -S {overrides}: {err}")
 
 
 def test_an_unknown_key_is_caught_by_the_same_check():
     raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"), parse_override("train.lr_gen=0.001"))
     with pytest.raises(ConfigError, match="unknown key 'train.lr_gen'"):
         validate(raw)
+
+
+# ---------------------------------------------------------------- benchmarks/recipes.py
+
+
+def recipes_commands() -> list[tuple[str, str]]:
+    return [(page_id(page), line.strip()) for page in PAGES for line in shell_lines(page.read_text())
+            if "benchmarks/recipes.py" in line]
+
+
+RECIPES = recipes_commands()
+
+
+@pytest.mark.parametrize("page,line", RECIPES, ids=[f"{page}: {line[-60:]}" for page, line in RECIPES])
+def test_every_recipes_command_shown_names_rows_that_exist_with_valid_settings(page, line):
+    import sys
+
+    sys.path[:0] = [str(REPO_ROOT / "benchmarks")]
+    from recipes import build_parser as recipes_parser
+    from recipes import plan_of
+
+    words = shlex.split(line, comments=True)
+    args = recipes_parser().parse_args(words[words.index("benchmarks/recipes.py") + 1:])
+    try:
+        _, plan = plan_of(args)
+    except SystemExit as err:
+        pytest.fail(f"{page}: {err}")
+    for name, params in plan.items():
+        try:
+            validate(params)
+        except ConfigError as err:
+            pytest.fail(f"{page}: row {name}: {err}")
+
+
+def test_the_pages_show_recipes_commands():
+    assert len(RECIPES) >= 5
 
 
 # ---------------------------------------------------------------- make demo
