@@ -491,12 +491,12 @@ def print_table(data: dict) -> None:
                            "train": train.get("wall_s")}.items():
         print(f"| {stage} | {seconds} |")
     if "epochs" in train:
-        print(f"\n| epoch | img/s inside Ray | FID | floor |\n| --- | --- | --- | --- |")
+        print("\n| epoch | img/s inside Ray | FID | floor |\n| --- | --- | --- | --- |")
         for row in train["epochs"]:
             print(f"| {row['epoch']} | {row['img_per_s']:,.0f} | {row['fid']:.3f} | {train['fid_floor']:.3f} |")
         later = train["epochs"][1:] or train["epochs"]
         ray_rate = sum(r["img_per_s"] for r in later) / len(later)
-        print(f"\n| figure | value | target |\n| --- | --- | --- |")
+        print("\n| figure | value | target |\n| --- | --- | --- |")
         print(f"| train img/s inside Ray (epochs 2+) / engine alone | {ray_rate:,.0f} / "
               f"{engine.get('img_per_s', float('nan')):,.0f} = {_ratio(ray_rate, engine.get('img_per_s'))} | >= 0.80 |")
         reference = engine.get("seconds_for_train_epochs")

@@ -69,7 +69,7 @@ def test_dvc_repro_trains_logs_and_writes_outputs(trained, tmp_path):
 
     # DVC outputs
     summary = json.loads((repo / "metrics/train/mnist.json").read_text())
-    for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl", "loss_d", "loss_g",
+    for key in ("fid", "kid", "inception_score", "class_coverage", "class_kl", "cond_accuracy", "loss_d", "loss_g",
                 "images_per_sec", "wall_seconds", "mlflow_run_id"):
         assert key in summary, key
     assert summary["status"] == "completed" and summary["epoch"] == EPOCHS
@@ -87,7 +87,7 @@ def test_dvc_repro_trains_logs_and_writes_outputs(trained, tmp_path):
     client = repo_mlflow_client(repo)
     run = only_run(client)
     assert run.info.run_id == summary["mlflow_run_id"]
-    assert run.info.status == "FINISHED" and run.info.run_name == "dcgan-ns-d1g1"
+    assert run.info.status == "FINISHED" and run.info.run_name == "dcgan+acgan-ns-d1g1"  # the default is acgan
     assert run.data.params["train.lr_g"] == "0.0002" and run.data.params["model.channels"] == "8"
     for tag in ("git.commit", "git.dirty", "dvc.stage", "ray.run_name", "params.hash"):
         assert tag in run.data.tags, tag
@@ -108,7 +108,7 @@ def test_dvc_repro_trains_logs_and_writes_outputs(trained, tmp_path):
     (version,) = client.search_model_versions("name='ganpipe-mnist-generator'")
     assert version.run_id == run.info.run_id
     model = mlflow.pytorch.load_model(f"models:/ganpipe-mnist-generator/{version.version}")
-    out = model(torch.randn(4, 16))
+    out = model(torch.randn(4, 16), torch.arange(4))  # the default acgan's generator takes (z, label)
     assert tuple(out.shape) == (4, 1, 28, 28)
     assert out.min() >= -1 and out.max() <= 1
 
@@ -251,7 +251,7 @@ def test_gaussian1d_pipeline_learns_the_distribution(tmp_path):
     """The 1-D demo through the whole pipeline: nothing to fetch, and the GAN must really learn N(4, 0.5)."""
     params = project_params(
         data={"datasets": ["gaussian1d"]},
-        model={"name": "toy1d", "latent_dim": 4, "hidden": [32, 32]},
+        model={"name": "toy1d", "latent_dim": 4, "hidden": [32, 32], "conditional": "none"},
         train={"epochs": 3, "batch_size": 128, "lr_g": 1e-3, "lr_d": 1e-3, "eval_samples": 5000, "log_every": 200},
         ray={"num_workers": 1, "use_gpu": False},
     )
