@@ -37,14 +37,19 @@ from pipeline.presets import apply_overrides, available, merge, preset_overrides
 from realdata import train_and_score, yardstick  # noqa: E402
 
 
+def parse_settings(items: list[str]) -> dict:
+    """["train.g_ema=0.999", ...] -> {"train.g_ema": 0.999, ...}: each value read as YAML."""
+    overrides = {}
+    for item in filter(None, items):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """'name:train.g_ema=0.999;model.spectral_norm=true' -> ("name", {"train.g_ema": 0.999, ...})."""
     name, _, settings = text.partition(":")
-    overrides = {}
-    for item in filter(None, settings.split(";")):
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return name, overrides
+    return name, parse_settings(settings.split(";"))
 
 
 # Rows that change only model.conditional: (the row they start from, model.conditional). The default is
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_of(args: argparse.Namespace) -> tuple[dict, dict[str, dict]]:
     """params.yaml with --set applied, and the rows to train: every row, or --only's in its order."""
-    params = apply_overrides(yaml.safe_load(args.params.read_text()), parse_variant(":" + ";".join(args.set))[1])
+    params = apply_overrides(yaml.safe_load(args.params.read_text()), parse_settings(args.set))
     plan = rows(params, args.variant)
     unknown = sorted(set(args.only or []) - set(plan))
     if unknown:
