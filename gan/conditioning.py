@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CONDITIONAL = ("none", "concat", "projection", "acgan")
-# G's label embedding joins z (100 wide by default). For concat, at 10 wide (one per class) the label was a
-# tenth of the input and G learned to follow it slowly (cond accuracy ~0.35 after 300 MNIST updates); at 64,
+# G's label embedding (model.label_embedding wide) joins z. For concat, at 10 wide (one per class) the label was
+# a tenth of the input and G learned to follow it slowly (cond accuracy ~0.35 after 300 MNIST updates); at 64,
 # ~0.75. Wider follows the label better, narrower leaves z more room for variety (docs/conditional.md).
-LABEL_EMBEDDING = 64
 
 
 def uniform_labels(n: int, num_classes: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -195,7 +194,7 @@ Builder = Callable[..., tuple[nn.Module, nn.Module]]
 
 
 def build_conditional(builder: Builder, conditional: str, num_classes: int, shape: tuple[int, ...],
-                      latent_dim: int, *args, label_embedding: int = LABEL_EMBEDDING
+                      latent_dim: int, *args, label_embedding: int
                       ) -> tuple[ConditionalGenerator, nn.Module]:
     """The (G, D) of an unconditional ``builder`` (``gan.models``), conditioned on ``num_classes`` classes.
 

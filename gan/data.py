@@ -23,7 +23,6 @@ class DatasetSpec:
     shape: tuple[int, ...]
     classes: tuple[str, ...] = ()
     files: dict[str, str] = field(default_factory=dict)
-    default_mirrors: tuple[str, ...] = ()
 
 
 IDX_FILES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -58,10 +57,6 @@ DATASETS: dict[str, DatasetSpec] = {
                 "9fb629c4189551a2d022fa330f9573f3",
                 "ec29112dd5afa0611ce80d1b7f02629c",
             )),
-            default_mirrors=(
-                "https://ossci-datasets.s3.amazonaws.com/mnist/",
-                "https://storage.googleapis.com/cvdf-datasets/mnist/",
-            ),
         ),
         DatasetSpec(
             name="fashion_mnist",
@@ -75,10 +70,6 @@ DATASETS: dict[str, DatasetSpec] = {
                 "bef4ecab320f06d8554ea6380940ec79",
                 "bb300cfdad3c16e7a12a480ee83cd310",
             )),
-            default_mirrors=(
-                "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-            ),
         ),
         # The 1-D toy distribution of the classic GAN demo: N(4, 0.5), nothing to fetch.
         DatasetSpec(name="gaussian1d", kind="toy", shape=(1,)),

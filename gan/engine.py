@@ -48,30 +48,33 @@ FIXED_PER_CLASS = 8  # a conditional model's sample grid: one row of 8 per class
 
 @dataclass
 class EngineConfig:
-    """The training knobs; names and defaults match params.yaml ``train:``."""
+    """The training knobs of params.yaml's ``train:`` section, under the same names.
 
-    loss: str = "ns"
-    label_smoothing: float = 0.0
-    noise: str = "gaussian"
-    optimizer: str = "auto"
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    betas_g: tuple[float, float] = (0.5, 0.999)
-    betas_d: tuple[float, float] = (0.5, 0.999)
-    d_steps: int = 1
-    g_steps: int = 1
-    clip_value: float = 0.01
-    gp_weight: float = 10.0
-    class_weight: float = 1.0  # acgan: weight of the class head's cross-entropy in D's and G's losses
-    lr_decay_gamma: float = 1.0
-    lr_decay_every: int = 1000
-    d_pretrain_steps: int = 0
-    early_stop_patience: int = 0
-    early_stop_tol: float = 0.05
-    log_every: int = 50
-    bf16: bool = False
-    cuda_graph: bool = True
-    g_ema: float = 0.0  # decay of the moving average of G's weights that samples (0: off)
+    No defaults: the values come from params.yaml (``from_mapping``), which owns them.
+    """
+
+    loss: str
+    label_smoothing: float
+    noise: str
+    optimizer: str
+    lr_g: float
+    lr_d: float
+    betas_g: tuple[float, float]
+    betas_d: tuple[float, float]
+    d_steps: int
+    g_steps: int
+    clip_value: float
+    gp_weight: float
+    class_weight: float  # acgan: weight of the class head's cross-entropy in D's and G's losses
+    lr_decay_gamma: float
+    lr_decay_every: int
+    d_pretrain_steps: int
+    early_stop_patience: int
+    early_stop_tol: float
+    log_every: int
+    bf16: bool
+    cuda_graph: bool
+    g_ema: float  # decay of the moving average of G's weights that samples (0: off)
 
     def __post_init__(self):
         for name, value, allowed in (("loss", self.loss, tuple(LOSSES)), ("noise", self.noise, NOISE_KINDS),
@@ -87,7 +90,8 @@ class EngineConfig:
 
     @classmethod
     def from_mapping(cls, section: dict) -> "EngineConfig":
-        """The config from a params ``train:`` section; keys that are not engine knobs are skipped."""
+        """The config from a params ``train:`` section; keys that are not engine knobs are skipped, a missing one
+        raises."""
         names = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in section.items() if key in names})
 

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from gan.conditioning import CONDITIONAL, LABEL_EMBEDDING, build_conditional
+from gan.conditioning import CONDITIONAL, build_conditional
 
 
 class Generator(nn.Module):
@@ -225,12 +225,12 @@ def build_models(
     spectral_norm: bool = False,
     conditional: str = "none",
     num_classes: int = 0,
-    label_embedding: int = LABEL_EMBEDDING,
+    label_embedding: int | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) of the named model for samples of ``shape``.
 
     ``conditional`` other than "none": class-conditional on ``num_classes`` classes (``gan.conditioning``),
-    G's label embedding ``label_embedding`` wide.
+    G's label embedding ``label_embedding`` wide (required then: params.yaml's model.label_embedding).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
@@ -241,6 +241,8 @@ def build_models(
     arguments = (tuple(shape), latent_dim, tuple(hidden), channels, dropout, activation)
     if conditional == "none":
         generator, discriminator = MODELS[name](*arguments)
+    elif label_embedding is None:
+        raise ValueError(f"a {conditional} model needs label_embedding (the width of G's label embedding)")
     else:
         generator, discriminator = build_conditional(MODELS[name], conditional, num_classes, *arguments,
                                                      label_embedding=label_embedding)

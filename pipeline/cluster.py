@@ -390,6 +390,29 @@ def worker_reference(inputs: dict, dataset: str, device: torch.device):
                                                 class_histogram=reference.class_histogram.copy())
 
 
+def resolve_num_workers(cfg: Config, nodes: list[Node], use_gpu: bool) -> int:
+    """ray.num_workers, with auto made a number and said once: one worker per GPU the cluster holds (at most
+    ray.max_workers, and with batch_scaling split, a count that divides the batch), or one on CPUs, which ran
+    fastest there (docs/gpu.md)."""
+    if cfg.ray.num_workers != "auto":
+        return cfg.ray.num_workers
+    gpus = int(sum(node.resources.get("GPU", 0) for node in nodes) + 1e-9)
+    cap = cfg.ray.max_workers or gpus
+    workers = max(1, min(gpus, cap)) if use_gpu else 1
+    while cfg.train.batch_scaling == "split" and cfg.train.batch_size % workers:
+        workers -= 1  # the global batch is split evenly
+    seen = f"the cluster holds {_amounts(_totals(nodes))}"
+    why = (f"one per GPU{f', at most ray.max_workers = {cfg.ray.max_workers}' if cfg.ray.max_workers else ''}"
+           f"{f', dividing train.batch_size = {cfg.train.batch_size}' if workers < min(gpus, cap) else ''}"
+           if use_gpu else "one on CPUs, the fastest measured there")
+    print(f"ray.num_workers: auto: {workers} worker(s), {why} ({seen})")
+    return workers
+
+
+def _totals(nodes: list[Node]) -> dict[str, float]:
+    return {key: sum(node.resources.get(key, 0) for node in nodes) for key in ("CPU", "GPU")}
+
+
 def resolve_use_gpu(setting: bool | str, nodes: list[Node]) -> bool:
     """ray.use_gpu: auto means GPUs if the cluster has any (the head itself may have none)."""
     if setting == "auto":

@@ -2,17 +2,24 @@
 
 Every stage calls ``load_config()``. A bad value stops with one line that names
 the key, the value and what is allowed; unknown keys are errors.
+
+The shipped params.yaml is the one owner of the defaults: the schema below gives
+no key a default, so every key must be in the file, and a file that leaves one out
+is refused with one line naming it. A default in the schema would be a second copy
+that drifts from the file DVC tracks and users read (it did: a params file missing
+a key silently trained another model). Presets stay deltas over params.yaml.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from gan.data import DATASETS
 from pipeline.presets import PresetError, apply_overrides, apply_preset
 
 PARAMS_FILE = "params.yaml"
@@ -33,11 +40,11 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     datasets: list[DatasetName] = Field(min_length=1)
-    verify_checksums: bool = True
-    retries: int = Field(3, ge=1)
-    timeout_s: float = Field(60, gt=0)
-    mirrors: dict[DatasetName, list[str]] = {}
-    train_images: Optional[PositiveInt] = None  # the first N training images only (a quick run); null: all
+    verify_checksums: bool
+    retries: int = Field(ge=1)
+    timeout_s: float = Field(gt=0)
+    mirrors: dict[DatasetName, list[str]]
+    train_images: Optional[PositiveInt]  # the first N training images only (a quick run); null: all
 
     @field_validator("datasets")
     @classmethod
@@ -46,50 +53,58 @@ class DataConfig(Section):
             raise ValueError("each dataset may appear once")
         return value
 
+    @model_validator(mode="after")
+    def _listed_datasets_have_mirrors(self) -> "DataConfig":
+        for dataset in self.datasets:
+            if DATASETS[dataset].kind != "toy" and not self.mirrors.get(dataset):
+                raise ValueError(f"missing key 'data.mirrors.{dataset}': data.datasets lists {dataset}, so it needs "
+                                 "a list of mirrors (URLs or folders) to fetch it from")
+        return self
+
 
 class ModelConfig(Section):
-    name: ModelName = "dcgan"
-    latent_dim: PositiveInt = 100
-    hidden: list[PositiveInt] = Field([256, 512, 1024], min_length=1)
-    channels: PositiveInt = 64
-    dropout: float = Field(0.0, ge=0, lt=1)
-    activation: Literal["leaky_relu", "relu", "tanh"] = "leaky_relu"  # mlp / toy1d hidden layers
-    spectral_norm: bool = False
-    conditional: Literal["none", "concat", "projection", "acgan"] = "none"  # class-conditional (gan.conditioning)
-    label_embedding: PositiveInt = 64  # width of G's label embedding, which joins z (conditional models)
+    name: ModelName
+    latent_dim: PositiveInt
+    hidden: list[PositiveInt] = Field(min_length=1)
+    channels: PositiveInt
+    dropout: float = Field(ge=0, lt=1)
+    activation: Literal["leaky_relu", "relu", "tanh"]  # mlp / toy1d hidden layers
+    spectral_norm: bool
+    conditional: Literal["none", "concat", "projection", "acgan"]  # class-conditional (gan.conditioning)
+    label_embedding: PositiveInt  # width of G's label embedding, which joins z (conditional models)
 
 
 class TrainConfig(Section):
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 128
+    epochs: PositiveInt
+    batch_size: PositiveInt
     # split: batch_size is the global batch, divided among the Ray workers (the same steps per epoch at any
     # worker count); per_worker: each worker trains at batch_size, so adding workers adds images per second.
-    batch_scaling: Literal["split", "per_worker"] = "split"
-    loss: LossName = "ns"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    noise: Literal["gaussian", "uniform"] = "gaussian"
-    optimizer: Literal["auto", "adam", "rmsprop", "sgd"] = "auto"
+    batch_scaling: Literal["split", "per_worker"]
+    loss: LossName
+    label_smoothing: float = Field(ge=0, lt=1)
+    noise: Literal["gaussian", "uniform"]
+    optimizer: Literal["auto", "adam", "rmsprop", "sgd"]
     lr_g: float = PositiveFloat
     lr_d: float = PositiveFloat
-    betas_g: tuple[float, float] = (0.5, 0.999)
-    betas_d: tuple[float, float] = (0.5, 0.999)
-    d_steps: PositiveInt = 1
-    g_steps: PositiveInt = 1
-    clip_value: float = Field(0.01, gt=0)
-    gp_weight: float = Field(10.0, ge=0)
-    class_weight: float = Field(1.0, ge=0)  # acgan: weight of D's class head in both losses
-    lr_decay_gamma: float = Field(1.0, gt=0, le=1)
-    lr_decay_every: PositiveInt = 1000
-    d_pretrain_steps: int = Field(0, ge=0)
-    early_stop_patience: int = Field(0, ge=0)
-    early_stop_tol: float = Field(0.05, gt=0, lt=0.5)
-    log_every: PositiveInt = 50
-    bf16: bool = False
-    cuda_graph: bool = True
-    g_ema: float = Field(0.0, ge=0, lt=1)
-    checkpoint_every: PositiveInt = 1
-    eval_samples: PositiveInt = 5000
-    seed: int = 0
+    betas_g: tuple[float, float]
+    betas_d: tuple[float, float]
+    d_steps: PositiveInt
+    g_steps: PositiveInt
+    clip_value: float = Field(gt=0)
+    gp_weight: float = Field(ge=0)
+    class_weight: float = Field(ge=0)  # acgan: weight of D's class head in both losses
+    lr_decay_gamma: float = Field(gt=0, le=1)
+    lr_decay_every: PositiveInt
+    d_pretrain_steps: int = Field(ge=0)
+    early_stop_patience: int = Field(ge=0)
+    early_stop_tol: float = Field(gt=0, lt=0.5)
+    log_every: PositiveInt
+    bf16: bool
+    cuda_graph: bool
+    g_ema: float = Field(ge=0, lt=1)
+    checkpoint_every: PositiveInt
+    eval_samples: PositiveInt
+    seed: int
 
     def worker_batch(self, workers: int) -> int:
         """Each Ray worker's batch: batch_size split among ``workers``, or all of it (``per_worker``)."""
@@ -104,27 +119,29 @@ class TrainConfig(Section):
 
 
 class EvaluatorConfig(Section):
-    epochs: PositiveInt = 4
-    batch_size: PositiveInt = 256
-    lr: float = Field(3e-3, gt=0)
-    seed: int = 0
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: float = Field(gt=0)
+    seed: int
 
 
 class RayConfig(Section):
-    address: Optional[str] = None
-    num_workers: PositiveInt = 2
-    use_gpu: Literal["auto", True, False] = "auto"
-    storage_path: str = "ray_results"
-    max_failures: int = Field(2, ge=-1)
-    autoscale: bool = False  # the cluster grows on demand: wait for resources instead of failing fast
+    address: Optional[str]
+    # auto: one worker per GPU the cluster holds (at most max_workers), one worker on CPUs (the fastest measured)
+    num_workers: Union[PositiveInt, Literal["auto"]]
+    max_workers: Optional[PositiveInt]  # caps num_workers: auto; null: no cap
+    use_gpu: Literal["auto", True, False]
+    storage_path: str
+    max_failures: int = Field(ge=-1)
+    autoscale: bool  # the cluster grows on demand: wait for resources instead of failing fast
 
 
 class MlflowConfig(Section):
-    tracking_uri: Optional[str] = None
-    experiment_prefix: str = "ganpipe"
-    register_model: bool = True
+    tracking_uri: Optional[str]
+    experiment_prefix: str
+    register_model: bool
     # At a stage's end, how long to keep retrying what an outage left in the spool before exiting anyway.
-    flush_timeout_s: float = Field(60, ge=0)
+    flush_timeout_s: float = Field(ge=0)
 
 
 # Quality metrics a sweep can optimize, and whether lower or higher is better.
@@ -143,25 +160,25 @@ DISTRIBUTIONS = ("choice", "loguniform", "uniform")
 
 
 class SweepConfig(Section):
-    dataset: DatasetName = "mnist"
+    dataset: Optional[DatasetName]  # null: the first of data.datasets (Config.sweep_dataset)
     # Each entry: a list (every value, a grid) or one of {choice: [...]},
     # {loguniform: [low, high]}, {uniform: [low, high]}.
     space: dict[SweepableKey, Any] = Field(min_length=1)
-    num_samples: PositiveInt = 1
-    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
-    search: Literal["random", "optuna"] = "random"
-    startup_trials: PositiveInt = 4  # optuna: random trials before TPE models the results
-    metric: Literal[tuple(METRIC_MODES)] = "fid"
-    epochs: PositiveInt = 5
-    grace_period: PositiveInt = 1
-    reduction_factor: float = Field(2.0, gt=1)
-    perturbation_interval: PositiveInt = 1
-    num_workers: PositiveInt = 1
+    num_samples: PositiveInt
+    scheduler: Literal["asha", "fifo", "pbt"]
+    search: Literal["random", "optuna"]
+    startup_trials: PositiveInt  # optuna: random trials before TPE models the results
+    metric: Literal[tuple(METRIC_MODES)]
+    epochs: PositiveInt
+    grace_period: PositiveInt
+    reduction_factor: float = Field(gt=1)
+    perturbation_interval: PositiveInt
+    num_workers: PositiveInt
     # One-worker trials sharing a GPU (each asks Ray for 1/N of one); null: DEFAULT_TRIALS_PER_GPU, and 1
     # for data-parallel trials, which hold a whole GPU per worker.
-    trials_per_gpu: Optional[PositiveInt] = None
-    max_concurrent_trials: PositiveInt = 2
-    seed: int = 0
+    trials_per_gpu: Optional[PositiveInt]
+    max_concurrent_trials: PositiveInt
+    seed: int
 
     @model_validator(mode="after")
     def _search_fits_scheduler(self) -> "SweepConfig":
@@ -211,35 +228,38 @@ class SweepConfig(Section):
 
 
 class Config(Section):
-    preset: Optional[str] = None  # applied by load_config; kept here to be logged with the run
+    preset: Optional[str]  # applied by load_config; kept here to be logged with the run
     data: DataConfig
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig
     train: TrainConfig
-    evaluator: EvaluatorConfig = EvaluatorConfig()
-    ray: RayConfig = RayConfig()
-    mlflow: MlflowConfig = MlflowConfig()
-    sweep: Optional[SweepConfig] = None
+    evaluator: EvaluatorConfig
+    ray: RayConfig
+    mlflow: MlflowConfig
+    sweep: SweepConfig
+
+    @property
+    def sweep_dataset(self) -> str:
+        """The dataset the sweep trains on: sweep.dataset, or the first of data.datasets when it is null."""
+        return self.sweep.dataset or self.data.datasets[0]
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> "Config":
         toy = [d for d in self.data.datasets if d == "gaussian1d"]
         if self.model.name == "toy1d" and len(toy) != len(self.data.datasets):
             raise ValueError("model.name toy1d only trains the gaussian1d dataset")
-        swept = self.sweep is not None and "conditional" in self.sweep.space
+        swept = "conditional" in self.sweep.space
         trials = self.sweep.candidate_values()["conditional"] if swept else [self.model.conditional]
         conditional = sorted({self.model.conditional, *trials} - {"none"})
         if conditional and (self.model.name == "toy1d" or toy):
             raise ValueError(f"model.conditional {conditional[0]} needs class labels: toy1d and gaussian1d "
                              "have none (allowed there: none)")
-        if self.sweep is not None and self.sweep.metric == "cond_accuracy" and "none" in trials:
+        if self.sweep.metric == "cond_accuracy" and "none" in trials:
             raise ValueError("sweep.metric cond_accuracy needs a conditional model in every trial "
                              "(model.conditional or sweep.space.conditional: concat, projection, acgan)")
         return self
 
     @model_validator(mode="after")
     def _sweep_values_are_valid_train_values(self) -> "Config":
-        if self.sweep is None:
-            return self
         for key, values in self.sweep.candidate_values().items():
             section = ModelConfig if key in MODEL_SWEEP_KEYS else TrainConfig
             base = (self.model if key in MODEL_SWEEP_KEYS else self.train).model_dump()
@@ -261,7 +281,7 @@ def _format_error(err: ValidationError, source: str) -> str:
         allowed = ", ".join(section.model_fields) if section else "?"
         return f"{source}: unknown key '{loc}' (allowed here: {allowed})"
     if first["type"] == "missing":
-        return f"{source}: missing key '{loc}'"
+        return f"{source}: missing key '{loc}' (every key must be set: the shipped params.yaml lists them all)"
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
     if loc == "<top level>":

@@ -141,7 +141,7 @@ def run(cfg: Config, dataset: str) -> list[Path]:
         target_dir.mkdir(parents=True)
         (target_dir / "SOURCE.txt").write_text(f"{dataset} is sampled in preprocess; nothing to fetch.\n")
         return []
-    mirrors = cfg.data.mirrors.get(dataset) or list(spec.default_mirrors)
+    mirrors = cfg.data.mirrors[dataset]  # the config checked that a listed image dataset has mirrors
     paths = fetch_dataset(spec, mirrors, target_dir, verify_checksums=cfg.data.verify_checksums,
                           retries=cfg.data.retries, timeout=cfg.data.timeout_s)
     print(f"fetch@{dataset}: {len(paths)} files in {target_dir}")

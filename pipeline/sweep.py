@@ -94,7 +94,7 @@ def run_trial(sampled: dict, setup: dict) -> None:
     # Every (re)start records the values this trial trains with: PBT changes them as it explores.
     tracking.log_metrics(client, run_id, {f"hparam/{key}": float(value) for key, value in sampled.items()
                                           if isinstance(value, (int, float))}, step=0)
-    dataset, use_gpu = cfg.sweep.dataset, setup["use_gpu"]
+    dataset, use_gpu = cfg.sweep_dataset, setup["use_gpu"]
     if in_process(cfg.sweep):
         loop_config = make_loop_config(cfg, dataset, inputs=setup["inputs"], mlflow_run_id=run_id,
                                        tracking_uri=setup["tracking_uri"],
@@ -126,7 +126,7 @@ def _child_run(client, cfg: Config, setup: dict, trial_id: str) -> str:
             client.update_run(existing[0].info.run_id, status="RUNNING")
         return existing[0].info.run_id
     _, run_id = tracking.start_run(
-        cfg, cfg.sweep.dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
+        cfg, cfg.sweep_dataset, Path(setup["root"]), stage="sweep", ray_run_name=f"{setup['name']}-{trial_id}",
         params_hash=setup["params_hash"], parent_run_id=setup["parent_run_id"],
         name=f"{trial_id} {tracking.run_name(cfg)}", extra_tags={"ray.trial_id": trial_id, **setup["lineage"]},
         uri=setup["tracking_uri"], git=setup["git"], client=client, experiment_id=setup["experiment_id"])
@@ -182,16 +182,14 @@ def _latest_checkpoint(result) -> str:
 
 def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFrame:
     """Sweep, or resume the interrupted sweep with the same identity (``fresh``: start over)."""
-    if cfg.sweep is None:
-        raise ConfigError("params.yaml: the sweep section is missing (see the README's sweep example)")
-    sweep, root = cfg.sweep, root.resolve()
-    if sweep.dataset not in cfg.data.datasets:
-        raise ConfigError(f"params.yaml: sweep.dataset = {sweep.dataset!r} is not in data.datasets "
-                          f"(allowed: {', '.join(cfg.data.datasets)})")
+    sweep, dataset, root = cfg.sweep, cfg.sweep_dataset, root.resolve()
+    if dataset not in cfg.data.datasets:
+        raise ConfigError(f"params.yaml: sweep.dataset = {dataset!r} is not in data.datasets "
+                          f"(allowed: {', '.join(cfg.data.datasets)}, or null for the first)")
     from ray import tune
 
     # Every check before the parent run exists: a bad setting leaves nothing RUNNING.
-    arrays = load_processed(sweep.dataset, root)
+    arrays = load_processed(dataset, root)
     single = in_process(sweep)
     workers = 1 if single else sweep.num_workers
     batch_key = "sweep.space.batch_size" if "batch_size" in sweep.space else "train.batch_size"
@@ -212,14 +210,14 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         print(f"sweep: the cluster holds {concurrent} trial(s) at a time; running {concurrent} at once "
               f"instead of sweep.max_concurrent_trials = {sweep.max_concurrent_trials}")
     cluster.check_shared(uri, storage, nodes)
-    inputs = cluster.put_inputs(sweep.dataset, root, arrays)
+    inputs = cluster.put_inputs(dataset, root, arrays)
 
     git = tracking.git_state(root)
-    identity = resume.run_identity(cfg, stage="sweep", dataset=sweep.dataset, use_gpu=use_gpu,
+    identity = resume.run_identity(cfg, stage="sweep", dataset=dataset, use_gpu=use_gpu,
                                    git_commit=git["git.commit"])
-    name = f"sweep-{sweep.dataset}-{identity}"
+    name = f"sweep-{dataset}-{identity}"
     client = spool.SpooledClient(uri, spool.spool_root(storage))  # an outage from here on spools, never fails
-    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, sweep.dataset), root)
+    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, dataset), root)
     interrupted = resume.take_over(client, experiment_id, stage="sweep", identity=identity, fresh=fresh)
     if interrupted:
         parent_id = interrupted.info.run_id
@@ -229,7 +227,7 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         resume.clear_storage(storage, name)  # a finished sweep's trials must not be restored
         _clear_study(root, name)
         client, parent_id = tracking.start_run(
-            cfg, sweep.dataset, root, stage="sweep", ray_run_name=name, params_hash=params_hash(root / "params.yaml"),
+            cfg, dataset, root, stage="sweep", ray_run_name=name, params_hash=params_hash(root / "params.yaml"),
             name=name, uri=uri, git=git, extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()},
             client=client)
         client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")

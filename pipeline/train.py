@@ -286,11 +286,16 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     clock = Stopwatch()
     # Every check before the MLflow run exists: a bad setting leaves nothing RUNNING.
     arrays = load_processed(dataset, root)
-    cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, len(arrays["x_train"]),
-                        per_worker=cfg.train.batch_scaling == "per_worker")
+    auto_workers = cfg.ray.num_workers == "auto"
+    if not auto_workers:  # a fixed count is checked before Ray starts
+        _check_batch(cfg, len(arrays["x_train"]))
     uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
     nodes = cluster.start(cfg)
     use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
+    if auto_workers:  # from here on, the run's config holds the number of workers it runs
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(
+            update={"num_workers": cluster.resolve_num_workers(cfg, nodes, use_gpu)})})
+        _check_batch(cfg, len(arrays["x_train"]))
     cluster.check_resources(cfg, nodes, workers=cfg.ray.num_workers, use_gpu=use_gpu, key="ray.num_workers")
     clock.lap("ray_start_s")  # with loading the arrays and the batch and resource checks
     cluster.check_shared(uri, storage, nodes)
@@ -340,6 +345,11 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     if status["status"] == "diverged":
         raise TrainingDiverged(f"run {run_id} diverged: {status['reason']}")
     return summary
+
+
+def _check_batch(cfg: Config, train_images: int) -> None:
+    cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, train_images,
+                        per_worker=cfg.train.batch_scaling == "per_worker")
 
 
 def _write_timings(dataset: str, root: Path, laps: dict, worker: dict | None, fit_called: float) -> None:

@@ -274,6 +274,7 @@ def sweep_params(mirror_url: str) -> dict:
         ray={"use_gpu": False, "num_workers": 1},
     )
     params["sweep"] = {
+        **params["sweep"],
         "dataset": "mnist",
         "space": {"lr_d": [0.01, 0.02, 0.05, HUGE_LR], "lr_g": {"loguniform": [0.005, 0.05]},
                   "d_steps": {"choice": [1, 2]}, "g_steps": {"choice": [1, 2]}},

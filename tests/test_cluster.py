@@ -113,7 +113,7 @@ def cluster_params(mirror_url: str, address: str, tracking_uri: str, storage: Pa
              "storage_path": str(storage / "ray_results")},
         mlflow={"tracking_uri": tracking_uri},
     )
-    params["sweep"] = {"dataset": "mnist", "space": {"lr_d": [2e-4, 1e-3]}, "num_samples": 1,
+    params["sweep"] = {**params["sweep"], "dataset": "mnist", "space": {"lr_d": [2e-4, 1e-3]}, "num_samples": 1,
                        "scheduler": "asha", "metric": "fid", "epochs": 2, "grace_period": 1,
                        "reduction_factor": 2, "num_workers": 1, "max_concurrent_trials": 2, "seed": 0}
     return params

@@ -16,12 +16,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from conftest import synthetic_split
 from gan.conditioning import AuxiliaryClassifierDiscriminator, ConditionalBatchNorm2d, ProjectionDiscriminator
 from gan.data import DeviceBatches, shard
-from gan.engine import METRICS, EngineConfig, GANTrainer
+from gan.engine import METRICS, GANTrainer
 from gan.graph import CapturedIteration
 from gan.models import build_models
+from helpers import engine_config
 
 IMAGE = (1, 28, 28)
-SMALL = dict(latent_dim=16, hidden=(32, 64), channels=8)
+SMALL = dict(latent_dim=16, hidden=(32, 64), channels=8, label_embedding=64)
 CLASSES = 10
 LOSS_NAMES = ["minimax", "ns", "wgan", "wgan_gp", "hinge"]
 
@@ -36,7 +37,7 @@ def conditional_models(model: str = "dcgan", conditional: str = "projection", **
 
 def make_trainer(model: str = "dcgan", conditional: str = "projection", seed: int = 0, **config) -> GANTrainer:
     generator, discriminator = conditional_models(model, conditional)
-    return GANTrainer(generator, discriminator, EngineConfig(**config), device="cpu", seed=seed)
+    return GANTrainer(generator, discriminator, engine_config(**config), device="cpu", seed=seed)
 
 
 def labelled_data(n: int = 128, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +210,7 @@ class IndifferentCritic(nn.Module):
 
 def test_early_stop_with_labels():
     generator, _ = conditional_models("mlp", "concat")
-    trainer = GANTrainer(generator, IndifferentCritic(), EngineConfig(early_stop_patience=2, log_every=1),
+    trainer = GANTrainer(generator, IndifferentCritic(), engine_config(early_stop_patience=2, log_every=1),
                          device="cpu")
     result = trainer.train_epoch(labelled_batches(128))
     assert trainer.stopped_early and result.steps == 2
@@ -285,7 +286,7 @@ def test_one_real_ddp_step_with_labels(tmp_path, conditional):
     try:
         generator, discriminator = conditional_models("dcgan", conditional)
         before = [p.detach().clone() for p in discriminator.parameters()]
-        trainer = GANTrainer(DDP(generator), DDP(discriminator), EngineConfig(log_every=1), device="cpu")
+        trainer = GANTrainer(DDP(generator), DDP(discriminator), engine_config(log_every=1), device="cpu")
         result = trainer.train_epoch(labelled_batches(32))
         assert result.steps == 2 and all(math.isfinite(v) for v in result.metrics.values())
         moved = [not torch.equal(a, b) for a, b in zip(before, trainer.d_module.parameters())]
@@ -454,8 +455,9 @@ def test_a_short_run_on_two_distinct_classes_makes_g_draw_the_class_it_is_asked_
     # follow it: its classes start identical and move by ~lr per update.
     torch.manual_seed(0)
     generator, discriminator = build_models("dcgan_upsample", (1, 8, 8), latent_dim=16, channels=8,
-                                            spectral_norm=True, conditional=conditional, num_classes=2)
-    trainer = GANTrainer(generator, discriminator, EngineConfig(log_every=100), device="cpu", seed=0)
+                                            spectral_norm=True, conditional=conditional, num_classes=2,
+                                            label_embedding=64)
+    trainer = GANTrainer(generator, discriminator, engine_config(log_every=100, g_ema=0.0), device="cpu", seed=0)
     images, labels = two_class_data()
     batches = DeviceBatches(images, 32, seed=0, labels=labels)
     for _ in range(19):  # 16 iterations an epoch: 304 D and G updates

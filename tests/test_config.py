@@ -89,3 +89,36 @@ def test_cli_reports_config_error_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "ganpipe fetch: error:" in err and "train.d_steps = 0 is invalid" in err
+
+
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        # A section's or the mirrors' own keys (datasets): each one a key of its own.
+        if isinstance(value, dict) and dotted not in ("sweep.space",):
+            keys += _leaf_keys(value, f"{dotted}.")
+    return keys
+
+
+def _without(raw: dict, dotted: str) -> dict:
+    out = yaml.safe_load(yaml.safe_dump(raw))
+    *parents, leaf = dotted.split(".")
+    node = out
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    return out
+
+
+SHIPPED = read_params(REPO_ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize("key", _leaf_keys(SHIPPED))
+def test_dropping_any_shipped_key_is_refused_naming_it_or_changes_nothing(key):
+    """params.yaml owns every default: a file that leaves a key out never trains something else silently."""
+    with pytest.raises(ConfigError) as info:
+        validate(_without(SHIPPED, key))
+    message = str(info.value)
+    assert "\n" not in message and f"missing key '{key}'" in message, message

@@ -13,15 +13,16 @@ import torch
 
 from conftest import synthetic_split
 from gan.data import shard, to_unit_range
-from gan.engine import EngineConfig, GANTrainer
+from gan.engine import GANTrainer
 from gan.models import build_models
 from gan.parallel import GradientAllReduce
+from helpers import engine_config
 
 pytestmark = pytest.mark.integration
 
 BATCH, LATENT, LR = 32, 8, 0.1
 # SGD: the D weights after one step are w - lr * grad, so equal weights mean equal gradients.
-CONFIG = EngineConfig(optimizer="sgd", lr_d=LR, lr_g=LR, d_steps=1, g_steps=1, log_every=1)
+CONFIG = engine_config(optimizer="sgd", lr_d=LR, lr_g=LR, d_steps=1, g_steps=1, log_every=1)
 
 
 class GlobalNoiseTrainer(GANTrainer):

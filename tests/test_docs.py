@@ -218,7 +218,7 @@ def test_the_demo_configuration_is_small_and_valid(demo_command):
         overrides.update(parse_override(item))
     assert overrides["preset"] == "demo"
     cfg = load_config(REPO_ROOT / "params.yaml", overrides)
-    assert cfg.data.datasets == ["mnist"] and cfg.sweep.dataset == "mnist"
+    assert cfg.data.datasets == ["mnist"] and cfg.sweep_dataset == "mnist"
     assert cfg.data.train_images == 10_000
     assert cfg.evaluator.epochs <= 2
     assert cfg.data.mirrors == load_config(REPO_ROOT / "params.yaml").data.mirrors  # params.yaml's mirrors

@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -18,6 +16,7 @@ from conftest import class_patterns, synthetic_split
 from gan.data import DeviceBatches, sample_gaussian1d, to_unit_range
 from gan.engine import METRICS, DivergedError, EngineConfig, GANTrainer
 from gan.models import build_models
+from helpers import engine_config, shipped_params
 
 IMAGE = (1, 28, 28)
 SMALL = dict(latent_dim=16, hidden=(32, 64), channels=8)
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, bit-exact com
 def make_trainer(model: str = "mlp", shape=IMAGE, seed: int = 0, dropout: float = 0.0, **config) -> GANTrainer:
     torch.manual_seed(seed)
     generator, discriminator = build_models(model, shape, dropout=dropout, **SMALL)
-    return GANTrainer(generator, discriminator, EngineConfig(**config), device="cpu", seed=seed)
+    return GANTrainer(generator, discriminator, engine_config(**config), device="cpu", seed=seed)
 
 
 def image_batches(n_batches: int, batch_size: int = 16, shape=IMAGE, seed: int = 0) -> list[torch.Tensor]:
@@ -178,7 +177,7 @@ def test_nan_guard_names_the_step(poisoned, log_every, raised_at):
 def test_toy1d_learns_the_gaussian():
     torch.manual_seed(0)
     generator, discriminator = build_models("toy1d", (1,), latent_dim=4, hidden=(32, 32))
-    trainer = GANTrainer(generator, discriminator, EngineConfig(lr_g=1e-3, lr_d=1e-3, log_every=500),
+    trainer = GANTrainer(generator, discriminator, engine_config(lr_g=1e-3, lr_d=1e-3, log_every=500),
                          device="cpu", seed=0)
     assert abs(trainer.generate(2000).mean().item() - 4.0) > 1.0  # far off before training
 
@@ -236,7 +235,7 @@ def test_trains_ddp_wrapped_modules(tmp_path, loss):
             dist.all_reduce(metrics)
             return metrics / dist.get_world_size()
 
-        trainer = GANTrainer(DDP(generator), DDP(discriminator), EngineConfig(loss=loss, d_steps=2, log_every=2),
+        trainer = GANTrainer(DDP(generator), DDP(discriminator), engine_config(loss=loss, d_steps=2, log_every=2),
                              device="cpu", metric_reducer=all_reduce_mean)
         result = trainer.train_epoch(image_batches(8))
         assert result.steps == 4 and all(math.isfinite(v) for v in result.metrics.values())
@@ -263,7 +262,7 @@ class IndifferentCritic(nn.Module):
 @pytest.mark.parametrize("patience, steps", [(3, 6), (0, 20)])
 def test_early_stop_when_d_of_g_stays_at_one_half(patience, steps):
     generator, _ = build_models("mlp", **SMALL)
-    config = EngineConfig(early_stop_patience=patience, early_stop_tol=0.05, log_every=2)
+    config = engine_config(early_stop_patience=patience, early_stop_tol=0.05, log_every=2)
     trainer = GANTrainer(generator, IndifferentCritic(), config, device="cpu")
     result = trainer.train_epoch(image_batches(20))
     assert result.steps == trainer.step == steps
@@ -271,7 +270,7 @@ def test_early_stop_when_d_of_g_stays_at_one_half(patience, steps):
 
 
 def test_sample_runs_in_eval_mode_and_restores_train_mode():
-    trainer = make_trainer("dcgan")
+    trainer = make_trainer("dcgan", g_ema=0.0)  # sampling G itself, not its moving average
     trainer.train_epoch(image_batches(3))
     samples = trainer.sample(noise=trainer.fixed_noise)
     assert trainer.g_module.training
@@ -281,17 +280,18 @@ def test_sample_runs_in_eval_mode_and_restores_train_mode():
     assert trainer.generate(2500, batch_size=1000).shape == (2500, *IMAGE)
 
 
-def test_engine_config_matches_params_yaml():
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    train = params["train"]
+def test_engine_config_holds_no_defaults_and_reads_the_train_section():
+    """Every engine knob is a train key of params.yaml and has no default of its own (params.yaml owns them)."""
+    train = shipped_params()["train"]
+    assert all(field.default is dataclasses.MISSING for field in dataclasses.fields(EngineConfig))
     config = EngineConfig.from_mapping(train)  # skips epochs, batch_size, seed, ...
     for field in dataclasses.fields(EngineConfig):
-        assert field.name in train, field.name
-        default = field.default
-        assert getattr(config, field.name) == (tuple(train[field.name]) if isinstance(default, tuple)
-                                               else train[field.name])
+        expected = tuple(train[field.name]) if isinstance(train[field.name], list) else train[field.name]
+        assert getattr(config, field.name) == expected, field.name
+    with pytest.raises(TypeError, match="g_ema"):
+        EngineConfig.from_mapping({key: value for key, value in train.items() if key != "g_ema"})
     with pytest.raises(ValueError, match="loss 'wasserstein'"):
-        EngineConfig(loss="wasserstein")
+        engine_config(loss="wasserstein")
 
 
 def test_loaded_checkpoint_keeps_the_configured_learning_rates(tmp_path):

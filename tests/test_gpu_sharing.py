@@ -24,7 +24,7 @@ OOM_LR = 0.5  # the trial whose lr_d is this runs out of memory
 
 def sweep_cfg(**sweep):
     params = project_params()
-    params["sweep"] = {"dataset": "mnist", "space": {"lr_d": [0.1]}, "epochs": 1, **sweep}
+    params["sweep"] = {**params["sweep"], "dataset": "mnist", "space": {"lr_d": [0.1]}, "epochs": 1, **sweep}
     return validate(params)
 
 

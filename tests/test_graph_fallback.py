@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from gan.data import to_unit_range
-from gan.engine import EngineConfig, GANTrainer
+from gan.engine import GANTrainer
 from gan.graph import CapturedIteration
 from gan.models import build_models
+from helpers import engine_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, bit-exact comparisons
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, bit-exact com
 def make_trainer() -> GANTrainer:
     torch.manual_seed(0)
     generator, discriminator = build_models("dcgan", (1, 28, 28), latent_dim=16, channels=8)
-    return GANTrainer(generator, discriminator, EngineConfig(log_every=1), device="cpu", seed=0)
+    return GANTrainer(generator, discriminator, engine_config(log_every=1), device="cpu", seed=0)
 
 
 def batches(n: int = 8, size: int = 16) -> list[torch.Tensor]:

@@ -18,10 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gan.data import to_unit_range
-from gan.engine import EngineConfig, GANTrainer
+from gan.engine import GANTrainer
 from gan.graph import CapturedIteration
 from gan.models import build_models
 from gan.parallel import GradientAllReduce
+from helpers import engine_config
 from test_graph_fallback import faithful, raising_at_capture
 
 WORLD, BROKEN_RANK = 2, 1
@@ -38,7 +39,7 @@ def train_one(rank: int, mode: str) -> dict:
     generator, discriminator = build_models("dcgan", (1, 28, 28), latent_dim=16, channels=8)
     sync = GradientAllReduce()
     sync.broadcast_state(generator, discriminator)
-    trainer = GANTrainer(generator, discriminator, EngineConfig(log_every=1), device="cpu", seed=rank,
+    trainer = GANTrainer(generator, discriminator, engine_config(log_every=1), device="cpu", seed=rank,
                          gradient_sync=sync)
     if mode != "eager":
         trainer.graph = CapturedIteration(trainer)

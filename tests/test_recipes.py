@@ -16,6 +16,7 @@ from pipeline import cli
 from pipeline.config import ConfigError, load_config
 from pipeline.presets import available, preset_overrides
 from pipeline.train import build_generator_and_discriminator
+from helpers import engine_config
 
 PRESETS = ["dcgan-smooth", "keras-upsample", "mlp-5-50", "pytorch-examples", "vanilla-mlp", "wgan-clip"]
 
@@ -91,7 +92,7 @@ def test_an_unknown_preset_is_one_line_naming_the_choices(capsys):
 def ema_trainer(decay: float = 0.9) -> GANTrainer:
     torch.manual_seed(0)
     generator, discriminator = build_models("dcgan", latent_dim=16, channels=8)
-    return GANTrainer(generator, discriminator, EngineConfig(g_ema=decay, g_steps=2), device="cpu")
+    return GANTrainer(generator, discriminator, engine_config(g_ema=decay, g_steps=2), device="cpu")
 
 
 @pytest.fixture
@@ -150,10 +151,10 @@ def test_g_ema_resumes_bit_exactly(tmp_path):
 
 def test_g_ema_off_samples_with_g_itself():
     torch.manual_seed(0)
-    trainer = GANTrainer(*build_models("mlp", hidden=(8,), latent_dim=4), EngineConfig(), device="cpu")
+    trainer = GANTrainer(*build_models("mlp", hidden=(8,), latent_dim=4), engine_config(g_ema=0.0), device="cpu")
     assert trainer.g_ema is None and trainer.sampling_generator is trainer.g_module
     with pytest.raises(ValueError, match="g_ema must be in"):
-        EngineConfig(g_ema=1.0)
+        engine_config(g_ema=1.0)
 
 
 # ---------------------------------------------------------------- spectral norm
@@ -181,7 +182,7 @@ def test_spectral_norm_keeps_every_layer_of_d_1_lipschitz(model):
     torch.manual_seed(0)
     generator, discriminator = build_models(model, channels=8, hidden=(32, 64), spectral_norm=True)
     scale_weights(discriminator, 5.0)
-    trainer = GANTrainer(generator, discriminator, EngineConfig(lr_d=1e-3), device="cpu")
+    trainer = GANTrainer(generator, discriminator, engine_config(lr_d=1e-3), device="cpu")
     trainer.train_epoch(batches(20))
     discriminator.train()  # the normalized weight of the latest power iteration
     sigmas = largest_singular_values(discriminator)

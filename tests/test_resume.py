@@ -103,7 +103,7 @@ def test_identity_follows_training_params_only():
 
     same = [apply_overrides(project_params(), {key: value}) for key, value in [
         ("mlflow.tracking_uri", "http://server:5000"), ("ray.address", "auto"), ("ray.storage_path", "s3://b/r"),
-        ("data.mirrors", {"mnist": ["file:///data"]}), ("ray.max_failures", 5)]]
+        ("data.mirrors.mnist", ["file:///data"]), ("ray.max_failures", 5)]]
     assert {identity(validate(params)) for params in same} == {identity(cfg)}
     assert identity(validate(apply_overrides(project_params(), {"train.lr_g": 1e-3}))) != identity(cfg)
     assert identity(validate(apply_overrides(project_params(), {"ray.num_workers": 4}))) != identity(cfg)

@@ -226,7 +226,7 @@ def test_trial_config_applies_every_sampled_value():
 ])
 def test_unsampleable_space_is_rejected_before_ray_starts(space, message):
     params = project_params()
-    params["sweep"] = {"dataset": "mnist", "space": space}
+    params["sweep"] = {**params["sweep"], "dataset": "mnist", "space": space}
     with pytest.raises(ConfigError) as info:
         validate(params)
     assert message in str(info.value)

@@ -39,11 +39,12 @@ def test_engine_hands_each_read_back_to_on_read():
     """The progress bar's feed: the rows the engine reads back anyway, as they happen."""
     import torch
 
-    from gan.engine import EngineConfig, GANTrainer
+    from gan.engine import GANTrainer
     from gan.models import build_models
+    from helpers import engine_config
 
     torch.manual_seed(0)
-    trainer = GANTrainer(*build_models("mlp", (1, 28, 28), latent_dim=8, hidden=(16, 16)), EngineConfig(log_every=2),
+    trainer = GANTrainer(*build_models("mlp", (1, 28, 28), latent_dim=8, hidden=(16, 16)), engine_config(log_every=2),
                          device="cpu")
     rows = []
     result = trainer.train_epoch(list(torch.rand(6, 16, 1, 28, 28) * 2 - 1), on_read=rows.append)
