@@ -13,7 +13,7 @@ buffer. Nothing to warm up beyond the graph's own warm-up, no hooks, and one
 launch per update (eager steps are launch-bound). What DDP adds, overlapping the
 exchange with backward, is worth little for models of a few million weights.
 
-Traps this module and ``gan.graph`` avoid (see DESIGN.md's GPU section):
+Traps this module and ``gan.graph`` avoid:
 - SUM, then divide: NCCL's AVG corrupted data on a single rank until 2.29.7.
 - The NCCL communicator is created lazily (Ray Train calls ``init_process_group``
   without ``device_id``): ``broadcast_state`` is an eager collective that creates it

@@ -3,6 +3,10 @@
 ``GANTrainer`` takes these methods from ``Sampling``. Training noise comes from the
 trainer's ``noise_generator``; sampling draws from its own ``sample_generator``, so
 that evaluating or drawing a grid never shifts the training noise.
+
+A trained generator is saved as a *generator record* (``generator_record``): its
+weights with what sampling it needs (model settings, noise kind), so that whoever
+samples it later draws as training did, whatever today's params say.
 """
 
 from __future__ import annotations
@@ -13,16 +17,24 @@ from torch import Tensor, nn
 from gan.conditioning import label_args, uniform_labels
 
 
+RECORD_FORMAT = 2  # generator records before it held no noise kind
+
+
+def draw_noise(n: int, latent_dim: int, kind: str, generator: torch.Generator,
+               device: torch.device | str | None = None) -> Tensor:
+    """n latent vectors: N(0, 1) for ``kind="gaussian"``, U[-1, 1] for ``kind="uniform"``."""
+    shape = (n, latent_dim)
+    if kind == "uniform":
+        return torch.rand(shape, generator=generator, device=device) * 2 - 1
+    return torch.randn(shape, generator=generator, device=device)
+
+
 class Sampling:
     """noise / fake_labels / sample / generate of a ``GANTrainer``."""
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n latent vectors: N(0, 1), or U[-1, 1] for ``noise="uniform"``."""
-        generator = generator or self.noise_generator
-        shape = (n, self.latent_dim)
-        if self.config.noise == "uniform":
-            return torch.rand(shape, generator=generator, device=self.device) * 2 - 1
-        return torch.randn(shape, generator=generator, device=self.device)
+        return draw_noise(n, self.latent_dim, self.config.noise, generator or self.noise_generator, self.device)
 
     def fake_labels(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
         """n class labels drawn uniformly on the device for a conditional model; None otherwise."""
@@ -56,3 +68,11 @@ class Sampling:
     def generate(self, n: int, batch_size: int = 1000) -> Tensor:
         """n samples on the trainer's device, drawn ``batch_size`` at a time."""
         return torch.cat([self.sample(min(batch_size, n - start)) for start in range(0, n, batch_size)])
+
+    def sampling_settings(self, model: dict, dataset: str) -> dict:
+        """What sampling this trainer's G needs besides its weights (``model``: the settings it was built with)."""
+        return {"format": RECORD_FORMAT, "model": model, "noise": self.config.noise, "dataset": dataset}
+
+    def generator_record(self, model: dict, dataset: str) -> dict:
+        """The sampling generator's weights with its ``sampling_settings``: a file ``ganpipe sample`` reads."""
+        return {**self.sampling_settings(model, dataset), "state_dict": self.sampling_generator.state_dict()}

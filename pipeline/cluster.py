@@ -117,7 +117,7 @@ def wait_for_port(address: str, target: tuple[str, int], timeout_s: float) -> No
                 raise ClusterError(
                     f"params.yaml: ray.address = {address!r}: no Ray cluster answered at {target[0]}:{target[1]} "
                     f"within {timeout_s:.0f} s ({err.strerror or err}); start one with `ray start --head` "
-                    "(README: On a GPU cluster) or set ray.address: null for a local Ray") from None
+                    "(docs/cluster.md) or set ray.address: null for a local Ray") from None
             time.sleep(1)
 
 
@@ -276,8 +276,8 @@ def check_tracking_store(uri: str, nodes: list[Node]) -> None:
     if len(nodes) > 1 and scheme in ("sqlite", "file"):
         raise ClusterError(
             f"params.yaml: mlflow.tracking_uri: {uri!r} is a store on this machine's disk, and rank 0 may run on any "
-            f"of the cluster's {len(nodes)} nodes: start an MLflow server every node reaches (README: On a GPU "
-            "cluster) and set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to its http:// URL")
+            f"of the cluster's {len(nodes)} nodes: start an MLflow server every node reaches (docs/cluster.md) "
+            "and set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to its http:// URL")
 
 
 def probe_nodes(storage: str, tracking_uri: str, nodes: list[Node]) -> None:

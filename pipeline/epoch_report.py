@@ -140,7 +140,6 @@ class RankZeroLogger:
         return image_grid(trainer.sample(noise=trainer.fixed_noise, labels=trainer.fixed_labels), nrow=8)
 
     def write_outputs(self, trainer: GANTrainer, folder: Path, status: dict) -> None:
-        torch.save({"state_dict": trainer.sampling_generator.state_dict(), "model": self.cfg.model.model_dump(),
-                    "dataset": self.dataset}, folder / "generator.pt")
+        torch.save(trainer.generator_record(self.cfg.model.model_dump(), self.dataset), folder / "generator.pt")
         save_png(self.picture(trainer), folder / "samples.png")
         (folder / STATUS_FILE).write_text(json.dumps(status, default=float))

@@ -1,8 +1,9 @@
 """`ganpipe sample` and `ganpipe evaluate`: use a trained generator.
 
 A generator comes from a DVC output (models/<dataset>/generator.pt), a training
-checkpoint (models/<dataset>/checkpoint.pt, built with params.yaml's model
-section), or an MLflow run (its logged ``generator`` model).
+checkpoint (models/<dataset>/checkpoint.pt) or an MLflow run (its logged
+``generator`` model). Each records how it samples (model settings, noise kind):
+it is drawn as training drew it, whatever params.yaml says today.
 
 A class-conditional generator (``model.conditional``) draws the classes it is
 asked for: ``--label`` one class, ``--per-class K`` a grid of one row per class,
@@ -21,6 +22,7 @@ import torch
 from gan.conditioning import class_rows
 from gan.data import DATASETS
 from gan.images import image_grid, save_png
+from gan.sampling import RECORD_FORMAT, draw_noise
 from gan.metrics import evaluate
 from pipeline import tracking
 from pipeline.config import Config, ModelConfig
@@ -34,31 +36,56 @@ class SampleError(ValueError):
 class Sampler:
     """``sampler(n)`` -> n generated samples in the data's range, seeded for reproducibility.
 
+    Noise is drawn as the trainer draws it (``gan.sampling.draw_noise``), of the kind the model trained on.
     A conditional generator (``num_classes`` > 0) takes ``labels=`` (int64, one per sample);
     without them it draws the classes in turn. An unconditional one refuses labels.
     """
 
-    def __init__(self, model: Callable[..., torch.Tensor], latent_dim: int, num_classes: int,
+    def __init__(self, model: Callable[..., torch.Tensor], latent_dim: int, noise: str, num_classes: int,
                  device: torch.device, seed: int = 0):
-        self.model, self.latent_dim, self.num_classes, self.device = model, latent_dim, num_classes, device
+        self.model, self.latent_dim, self.noise, self.num_classes = model, latent_dim, noise, num_classes
+        self.device = device
         self.noise_source = torch.Generator(device=device).manual_seed(seed)
 
     @torch.no_grad()
     def __call__(self, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
-        noise = torch.randn(n, self.latent_dim, generator=self.noise_source, device=self.device)
+        noise = draw_noise(n, self.latent_dim, self.noise, self.noise_source, self.device)
         if not self.num_classes:
             if labels is not None:
-                raise SampleError("this generator is unconditional (model.conditional: none): it cannot draw a "
-                                  "chosen class; train with model.conditional concat or projection")
+                raise SampleError(UNCONDITIONAL)
             return self.model(noise)
         if labels is None:
             labels = torch.arange(n, device=self.device) % self.num_classes
         return self.model(noise, labels.to(self.device))
 
 
+UNCONDITIONAL = ("this generator is unconditional (model.conditional: none): it cannot draw a chosen class; "
+                 "train with model.conditional acgan, concat or projection (docs/conditional.md)")
+
+
+def read_generator_file(path: Path, dataset: str, device: torch.device) -> tuple[dict, dict]:
+    """(sampling settings, weights) of a generator.pt or a training checkpoint.pt, as training recorded them."""
+    if not path.exists():
+        raise SampleError(f"no generator at {path} (run `dvc repro train@{dataset}` first)")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if "state_dict" in state:  # generator.pt: the sampling generator itself
+        settings, weights = state, state["state_dict"]
+    else:  # a training checkpoint: G's moving average when the run kept one
+        settings = state.get("sampling", {})
+        weights = state["trainer"].get("g_ema") or state["trainer"]["generator"]
+    if settings.get("format") != RECORD_FORMAT:
+        raise SampleError(f"{path} was written by an older ganpipe and does not record how it samples "
+                          "(its noise kind): train it again (`dvc repro train@{dataset}`)")
+    return settings, weights
+
+
 def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_run: str | None,
                  device: torch.device, seed: int = 0) -> Sampler:
-    """The generator of a DVC output, a checkpoint or an MLflow run, as a ``Sampler``."""
+    """The generator of a DVC output, a checkpoint or an MLflow run, as a ``Sampler`` that draws as training did.
+
+    What it samples with (model size, noise kind, conditioning) comes from the file or the run, never from today's
+    params.yaml.
+    """
     from pipeline.train import build_generator_and_discriminator
 
     classes = len(DATASETS[dataset].classes)
@@ -67,25 +94,18 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
 
         mlflow.set_tracking_uri(tracking.tracking_uri(cfg, Path.cwd()))
         model = mlflow.pytorch.load_model(f"runs:/{mlflow_run}/generator", device=device)
-        # The run's own model size, which may differ from today's params.yaml.
-        params = mlflow.get_run(mlflow_run).data.params
-        latent_dim = int(params["model.latent_dim"])
-        conditional = params.get("model.conditional", "none") != "none"
+        params = mlflow.get_run(mlflow_run).data.params  # the run's own settings
+        latent_dim, noise = int(params["model.latent_dim"]), params["train.noise"]
+        conditional = params["model.conditional"] != "none"
     else:
         path = Path(checkpoint or Path("models") / dataset / "generator.pt")
-        if not path.exists():
-            raise FileNotFoundError(f"no generator at {path} (run `dvc repro train@{dataset}` first)")
-        state = torch.load(path, map_location=device, weights_only=True)
-        model_cfg = ModelConfig(**state["model"]) if "model" in state else cfg.model
-        # A training checkpoint samples with G's moving average when the run kept one.
-        weights = state["state_dict"] if "state_dict" in state else (state["trainer"].get("g_ema")
-                                                                      or state["trainer"]["generator"])
+        settings, weights = read_generator_file(path, dataset, device)
+        model_cfg = ModelConfig(**settings["model"])
         model, _ = build_generator_and_discriminator(model_cfg, dataset)
         model.load_state_dict(weights)
         model.to(device).eval()
-        latent_dim = model_cfg.latent_dim
-        conditional = model_cfg.conditional != "none"
-    return Sampler(model, latent_dim, classes if conditional else 0, device, seed)
+        latent_dim, noise, conditional = model_cfg.latent_dim, settings["noise"], model_cfg.conditional != "none"
+    return Sampler(model, latent_dim, noise, classes if conditional else 0, device, seed)
 
 
 def class_index(dataset: str, label: str) -> int:
@@ -107,8 +127,7 @@ def sample_command(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_
         raise SampleError(f"--per-class {per_class}: needs at least 1 sample per class")
     if (label is not None or per_class) and not sampler.num_classes:
         option = "--label" if label is not None else "--per-class"
-        raise SampleError(f"{option}: this generator is unconditional (model.conditional: none); "
-                          "train with model.conditional concat or projection to draw chosen classes")
+        raise SampleError(f"{option}: {UNCONDITIONAL}")
     if label is not None:
         index = class_index(dataset, label)
         labels, what = torch.full((n,), index), f"{n} samples of {dataset} class {label}"

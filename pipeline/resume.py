@@ -1,7 +1,8 @@
 """Long runs survive their driver: which earlier run is "the same run", taking it over, ending zombies.
 
 A stage's run is identified by what makes it the same run: the stage, the dataset,
-the params that shape its training and the git commit (``run_identity``). Its Ray
+the data it trains on, the params that shape its training and the git commit
+(``run_identity``). Its Ray
 run name carries that identity, so re-running an interrupted stage points Ray at
 the same folder in ``ray.storage_path``, where Ray Train and Tune find their
 checkpoints and resume.
@@ -33,6 +34,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.tracking import TAG_STATUS
 
 TAG_IDENTITY = "ganpipe.identity"
+TAG_DATA = "ganpipe.data"             # the digest of the processed data the run trains on
 TAG_DRIVER = "ganpipe.driver"         # "<host> <pid> <process start time>"
 TAG_HEARTBEAT = "ganpipe.heartbeat"   # unix seconds, refreshed while the driver lives
 TAG_RESUMED = "ganpipe.resumed_from_epoch"
@@ -42,9 +44,17 @@ HEARTBEAT_SECONDS = 30
 STALE_SECONDS = 5 * HEARTBEAT_SECONDS
 
 
-def run_identity(cfg: Config, *, stage: str, dataset: str, use_gpu: bool, git_commit: str) -> str:
-    """A short hash of what makes a run the same run; MLflow, storage and cluster addresses do not count."""
-    shaping = {"stage": stage, "dataset": dataset, "model": cfg.model.model_dump(mode="json"),
+def data_digest(path: Path) -> str:
+    """A short digest of a processed-data file: a run interrupted on other data must not resume."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "md5").hexdigest()[:12]
+
+
+def run_identity(cfg: Config, *, stage: str, dataset: str, data: str, use_gpu: bool, git_commit: str) -> str:
+    """A short hash of what makes a run the same run (``data``: the ``data_digest`` of what it trains on);
+    MLflow, storage and cluster addresses do not count."""
+    shaping = {"stage": stage, "dataset": dataset, "data": data, "train_images": cfg.data.train_images,
+               "model": cfg.model.model_dump(mode="json"),
                "train": cfg.train.model_dump(mode="json"), "evaluator": cfg.evaluator.model_dump(mode="json"),
                "num_workers": cfg.ray.num_workers, "use_gpu": use_gpu, "commit": git_commit}
     if stage == "sweep":
@@ -70,12 +80,13 @@ def driver_alive(run) -> bool:
     return time.time() - beat < STALE_SECONDS
 
 
-def take_over(client: MlflowClient, experiment_id: str, *, stage: str, identity: str, fresh: bool):
+def take_over(client: MlflowClient, experiment_id: str, *, stage: str, identity: str, data: str, fresh: bool):
     """The interrupted run of this stage and identity to resume (or None); other interrupted runs end KILLED.
 
     An interrupted run is a RUNNING run whose driver is gone, or one an earlier stage
     already ended as interrupted. Only the newest run of an identity is resumed, and
-    only when it did not finish: a finished run is DVC's to re-run or not.
+    only when it did not finish: a finished run is DVC's to re-run or not. One that
+    trained on other data (``data``: today's digest) is said to be, in one line.
     """
     mine = client.search_runs([experiment_id], filter_string=f"tags.`dvc.stage` = '{stage}'",
                               order_by=["attributes.start_time DESC"], max_results=1000)
@@ -90,7 +101,10 @@ def take_over(client: MlflowClient, experiment_id: str, *, stage: str, identity:
         newest.info.status == "RUNNING" or newest.data.tags.get(TAG_STATUS) == INTERRUPTED)
     for run in top_level:
         if run.info.status == "RUNNING" and not driver_alive(run) and not (resumable and run is newest):
-            end_interrupted(client, run.info.run_id, experiment_id)
+            other_data = run.data.tags.get(TAG_DATA, data) != data
+            end_interrupted(client, run.info.run_id, experiment_id,
+                            why="it trained on other data (data/processed or data.train_images changed): "
+                                "starting fresh" if other_data else "")
     if not resumable:
         return None
     # Its children (a sweep's trials) died with its driver: a trial Tune restores opens its run again, and one
@@ -102,10 +116,11 @@ def take_over(client: MlflowClient, experiment_id: str, *, stage: str, identity:
     return newest
 
 
-def end_interrupted(client: MlflowClient, run_id: str, experiment_id: str) -> None:
+def end_interrupted(client: MlflowClient, run_id: str, experiment_id: str, why: str = "") -> None:
     """End a run whose driver died, and its children still RUNNING, as KILLED with ganpipe.status=interrupted."""
     _end_as_interrupted(client, [run_id, *_running_children(client, experiment_id, run_id)])
-    print(f"MLflow run {run_id} was left RUNNING by a driver that is gone: ended KILLED (interrupted)")
+    print(f"MLflow run {run_id} was left RUNNING by a driver that is gone: ended KILLED (interrupted)"
+          + (f"; {why}" if why else ""))
 
 
 def _running_children(client: MlflowClient, experiment_id: str, run_id: str) -> list[str]:

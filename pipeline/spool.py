@@ -97,7 +97,7 @@ class SpooledClient:
                 if name.startswith(prefix) and name.endswith(".png")}
 
     def log_model(self, run_id: str, model, *, name: str, input_example, signature, pip_requirements: list[str],
-                  registered_model_name: str | None) -> None:
+                  registered_model_name: str | None, metadata: dict | None = None) -> None:
         import numpy as np
         import torch
 
@@ -107,7 +107,8 @@ class SpooledClient:
             examples = input_example if isinstance(input_example, tuple) else (input_example,)
             np.savez(folder / "example.npz", *examples)
         self._submit({"op": "model", "run_id": run_id, "name": name, "signature": signature.to_dict(),
-                      "pip_requirements": pip_requirements, "registered_model_name": registered_model_name}, write)
+                      "pip_requirements": pip_requirements, "registered_model_name": registered_model_name,
+                      "metadata": metadata}, write)
 
     def create_run_spooled(self, experiment_id: str, run_name: str, tags: dict[str, str], params: list) -> str:
         """A new run's id, or a placeholder when the server is away: the run is created when it is back."""

@@ -214,7 +214,8 @@ def _send_model(client: MlflowClient, run_id: str, record: dict, files: Path) ->
         mlflow.pytorch.log_model(model, name=record["name"], input_example=examples if len(examples) > 1 else examples[0],
                                  signature=ModelSignature.from_dict(record["signature"]),
                                  pip_requirements=record["pip_requirements"],
-                                 registered_model_name=record["registered_model_name"])
+                                 registered_model_name=record["registered_model_name"],
+                                 metadata=record.get("metadata"))
     client.set_tag(run_id, TAG_MODEL_LOGGED, record["name"])
 
 

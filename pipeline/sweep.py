@@ -25,7 +25,7 @@ import yaml
 
 from pipeline import cluster, gpu_share, resume, spool, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, sweep_param, validate
-from pipeline.preprocess import load_processed
+from pipeline.preprocess import load_processed, processed_paths
 from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.sweep_figures import best_vs_worst, metric_figure
 from pipeline.search import (fail_lost_trials, label_searched_by, optuna_trials, scheduler, search_algorithm,
@@ -213,12 +213,13 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
     inputs = cluster.put_inputs(dataset, root, arrays)
 
     git = tracking.git_state(root)
-    identity = resume.run_identity(cfg, stage="sweep", dataset=dataset, use_gpu=use_gpu,
+    data = resume.data_digest(root / processed_paths(dataset)["npz"])
+    identity = resume.run_identity(cfg, stage="sweep", dataset=dataset, data=data, use_gpu=use_gpu,
                                    git_commit=git["git.commit"])
     name = f"sweep-{dataset}-{identity}"
     client = spool.SpooledClient(uri, spool.spool_root(storage))  # an outage from here on spools, never fails
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, dataset), root)
-    interrupted = resume.take_over(client, experiment_id, stage="sweep", identity=identity, fresh=fresh)
+    interrupted = resume.take_over(client, experiment_id, stage="sweep", identity=identity, data=data, fresh=fresh)
     if interrupted:
         parent_id = interrupted.info.run_id
         print(f"sweep: resuming the interrupted sweep {name} (MLflow parent run {parent_id}): finished trials "
@@ -228,7 +229,7 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         _clear_study(root, name)
         client, parent_id = tracking.start_run(
             cfg, dataset, root, stage="sweep", ray_run_name=name, params_hash=params_hash(root / "params.yaml"),
-            name=name, uri=uri, git=git, extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()},
+            name=name, uri=uri, git=git, extra_tags={resume.TAG_IDENTITY: identity, resume.TAG_DATA: data, **resume.driver_tags()},
             client=client)
         client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")
         print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")

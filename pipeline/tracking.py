@@ -213,8 +213,12 @@ def serve_ui(root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
         return 0
 
 
-def log_generator(client, run_id: str, generator, latent_dim: int, registered_name: str | None) -> None:
-    """The generator as an MLflow model (registered when a name is given); a conditional one takes (z, label)."""
+def log_generator(client, run_id: str, generator, latent_dim: int, registered_name: str | None,
+                  metadata: dict) -> None:
+    """The generator as an MLflow model (registered when a name is given); a conditional one takes (z, label).
+
+    ``metadata`` says how to draw its input as training did (the noise kind), in the model's MLmodel file.
+    """
     from importlib.metadata import version
 
     import torch
@@ -231,4 +235,4 @@ def log_generator(client, run_id: str, generator, latent_dim: int, registered_na
     requirements = [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy")]
     client.log_model(run_id, generator, name="generator",
                      input_example=tuple(inputs.values()) if len(inputs) > 1 else inputs["z"], signature=signature,
-                     pip_requirements=requirements, registered_model_name=registered_name)
+                     pip_requirements=requirements, registered_model_name=registered_name, metadata=metadata)

@@ -199,7 +199,8 @@ def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer
             with tempfile.TemporaryDirectory() as folder:
                 folder = Path(folder)
                 torch.save({"trainer": trainer.state_dict(), "batches": batches.state_dict(), "epoch": epoch,
-                            "metrics": metrics}, folder / f"rank{rank}.pt")
+                            "metrics": metrics, "sampling": trainer.sampling_settings(cfg.model.model_dump(), dataset)},
+                           folder / f"rank{rank}.pt")
                 if logger:
                     history.save(folder)
                     logger.write_outputs(trainer, folder, {**metrics, "reason": reason, "timings": timings,
@@ -303,11 +304,13 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     clock.lap("data_handoff_s")  # with the shared-storage probe
 
     git = tracking.git_state(root)
-    identity = resume.run_identity(cfg, stage=stage, dataset=dataset, use_gpu=use_gpu, git_commit=git["git.commit"])
+    data = resume.data_digest(root / processed_paths(dataset)["npz"])
+    identity = resume.run_identity(cfg, stage=stage, dataset=dataset, data=data, use_gpu=use_gpu,
+                                   git_commit=git["git.commit"])
     ray_run_name = f"train-{dataset}-{identity}"
     client = spool.SpooledClient(uri, spool.spool_root(storage))  # an outage from here on spools, never fails
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, dataset), root)
-    interrupted = resume.take_over(client, experiment_id, stage=stage, identity=identity, fresh=fresh)
+    interrupted = resume.take_over(client, experiment_id, stage=stage, identity=identity, data=data, fresh=fresh)
     if interrupted:
         run_id = interrupted.info.run_id
         print(f"{stage}: resuming the interrupted MLflow run {run_id} from its last checkpoint in "
@@ -316,7 +319,8 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
         resume.clear_storage(storage, ray_run_name)  # a finished run's checkpoints must not be resumed
         client, run_id = tracking.start_run(cfg, dataset, root, stage=stage, ray_run_name=ray_run_name,
                                             params_hash=params_hash(root / "params.yaml"), uri=uri, git=git,
-                                            extra_tags={resume.TAG_IDENTITY: identity, **resume.driver_tags()},
+                                            extra_tags={resume.TAG_IDENTITY: identity, resume.TAG_DATA: data,
+                                                        **resume.driver_tags()},
                                             client=client)
         print(f"{stage}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
     clock.lap("mlflow_run_s")
@@ -399,8 +403,12 @@ def _log_final_artifacts(client, run_id: str, cfg: Config, dataset: str, root: P
     real_png = root / processed_paths(dataset)["png"]
     if real_png.exists():
         client.log_artifact(run_id, str(real_png), artifact_path="reference")
-    generator, _ = build_generator_and_discriminator(cfg.model, dataset)
     # map_location: rank 0 saved CUDA tensors when it trained on a GPU; the model is exported from the CPU.
-    generator.load_state_dict(torch.load(paths["generator"], weights_only=True, map_location="cpu")["state_dict"])
-    tracking.log_generator(client, run_id, generator.eval(), cfg.model.latent_dim,
-                           f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None)
+    record = torch.load(paths["generator"], weights_only=True, map_location="cpu")
+    generator, _ = build_generator_and_discriminator(ModelConfig(**record["model"]), dataset)
+    generator.load_state_dict(record["state_dict"])
+    latent_dim = record["model"]["latent_dim"]
+    tracking.log_generator(client, run_id, generator.eval(), latent_dim,
+                           f"ganpipe-{dataset}-generator" if cfg.mlflow.register_model else None,
+                           metadata={"noise": record["noise"], "latent_dim": latent_dim, "dataset": dataset,
+                                     "conditional": record["model"]["conditional"]})

@@ -64,6 +64,8 @@ def test_registered_model_takes_z_and_label_and_draws_the_chosen_class(condition
     inputs = info.signature.inputs.to_dict()
     assert [(spec["name"], spec["tensor-spec"]["dtype"]) for spec in inputs] == [("z", "float32"),
                                                                                 ("label", "int64")]
+    # How to draw its input as training did, beside the model.
+    assert info.metadata == {"noise": "gaussian", "latent_dim": 16, "dataset": "mnist", "conditional": "acgan"}
     model = mlflow.pytorch.load_model(f"models:/ganpipe-mnist-generator/{version.version}")
     z = torch.randn(6, 16)
     sevens, threes = model(z, torch.full((6,), 7)), model(z, torch.full((6,), 3))

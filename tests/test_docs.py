@@ -234,3 +234,18 @@ def test_a_mirror_override_reaches_the_demo(demo_command):
     for item in [*overrides_in(demo_command), "data.mirrors.mnist=[/data/mnist]"]:
         overrides.update(parse_override(item))
     assert load_config(REPO_ROOT / "params.yaml", overrides).data.mirrors["mnist"] == ["/data/mnist"]
+
+
+PAGE_REF = re.compile(r"\b(?:docs/)?[\w-]+\.md\b|README: [^)\"]+")
+
+
+def test_every_page_the_code_names_exists():
+    """A message, comment or docstring that sends the reader to a page (docs/x.md, README: Heading) finds it."""
+    headings = set(re.findall(r"^#+ (.+)$", (REPO_ROOT / "README.md").read_text(), re.M))
+    missing = []
+    for source in sorted(p for folder in ("gan", "pipeline", "benchmarks") for p in (REPO_ROOT / folder).glob("*.py")):
+        for ref in PAGE_REF.findall(source.read_text()):
+            found = ref[len("README: "):] in headings if ref.startswith("README: ") else (REPO_ROOT / ref).exists()
+            if not found:
+                missing.append(f"{source.relative_to(REPO_ROOT)}: {ref}")
+    assert not missing, missing
