@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from gan.data import DeviceBatches, read_idx  # noqa: E402
 from gan.engine import EngineConfig, GANTrainer  # noqa: E402
 from gan.models import build_models  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 
 DEFAULT_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist-t10k" / "t10k-images-idx3-ubyte.gz"
 EPOCH_IMAGES = 60_000
@@ -116,7 +117,10 @@ def time_engine(models, images, batch_size, device, warmup, steps, *, graph: boo
                 ) -> tuple[float, GANTrainer]:
     """img/s of the engine, and the trainer (``use_graph`` says whether the graph really ran)."""
     generator, discriminator = (copy.deepcopy(m) for m in models)
-    config = EngineConfig(loss="ns", optimizer="adam", cuda_graph=graph, bf16=bf16, log_every=max(steps, 1))
+    # params.yaml's training knobs, set to the tutorial's step: the same loss and optimizer, no moving average.
+    config = EngineConfig.from_mapping({**load_config(REPO_ROOT / "params.yaml").train.model_dump(), "loss": "ns",
+                                        "optimizer": "adam", "g_ema": 0.0, "cuda_graph": graph, "bf16": bf16,
+                                        "log_every": max(steps, 1)})
     trainer = GANTrainer(generator, discriminator, config, device=device)
     data = DeviceBatches(torch.from_numpy(images).to(device), batch_size)
     batches = endless(lambda: data)

@@ -146,7 +146,8 @@ class MlflowConfig(Section):
 
 # Quality metrics a sweep can optimize, and whether lower or higher is better.
 METRIC_MODES = {"fid": "min", "kid": "min", "class_kl": "min", "inception_score": "max",
-                "class_coverage": "max", "precision": "max", "recall": "max", "cond_accuracy": "max"}
+                "class_coverage": "max", "precision": "max", "recall": "max", "cond_accuracy": "max",
+                "wasserstein": "min"}  # wasserstein: the 1-D toy set's only quality metric
 # One-worker sweep trials per GPU when sweep.trials_per_gpu is null (docs/gpu.md says why 4).
 DEFAULT_TRIALS_PER_GPU = 4
 SweepableKey = Literal["lr_g", "lr_d", "d_steps", "g_steps", "loss", "label_smoothing", "batch_size", "conditional"]
@@ -253,6 +254,10 @@ class Config(Section):
         if conditional and (self.model.name == "toy1d" or toy):
             raise ValueError(f"model.conditional {conditional[0]} needs class labels: toy1d and gaussian1d "
                              "have none (allowed there: none)")
+        if (self.sweep_dataset == "gaussian1d") != (self.sweep.metric == "wasserstein"):
+            allowed = "wasserstein" if self.sweep_dataset == "gaussian1d" else "any but wasserstein"
+            raise ValueError(f"sweep.metric {self.sweep.metric} is not measured on {self.sweep_dataset}, the sweep's "
+                             f"dataset (allowed there: {allowed})")
         if self.sweep.metric == "cond_accuracy" and "none" in trials:
             raise ValueError("sweep.metric cond_accuracy needs a conditional model in every trial "
                              "(model.conditional or sweep.space.conditional: concat, projection, acgan)")

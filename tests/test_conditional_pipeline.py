@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import copy_repo, project_params, repo_mlflow_client, run_cmd
+from conftest import REPO_ROOT, copy_repo, project_params, repo_mlflow_client, run_cmd
+from helpers import shipped_params
 
 pytestmark = pytest.mark.integration
 
@@ -97,17 +98,22 @@ def test_sample_label_and_per_class(conditional_repo, tmp_path):
     (repo / "sevens.png").unlink()
 
 
-def test_unconditional_generator_asked_for_a_label_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    from gan.models import build_models
-    from pipeline import cli
+def save_generator(path, **model) -> None:
+    """A generator record as training writes it, of a small MLP with ``model`` set over the shipped model section."""
+    from gan.sampling import RECORD_FORMAT
     from pipeline.config import ModelConfig
+    from pipeline.train import build_generator_and_discriminator
 
-    model = ModelConfig(name="mlp", hidden=[16], latent_dim=8)
-    generator, _ = build_models("mlp", latent_dim=8, hidden=(16,))
-    torch.save({"state_dict": generator.state_dict(), "model": model.model_dump(), "dataset": "mnist"},
-               tmp_path / "generator.pt")
-    from conftest import REPO_ROOT
+    settings = ModelConfig(**{**shipped_params()["model"], "name": "mlp", "hidden": [16], "latent_dim": 8, **model})
+    generator, _ = build_generator_and_discriminator(settings, "mnist")
+    torch.save({"format": RECORD_FORMAT, "state_dict": generator.state_dict(), "model": settings.model_dump(),
+                "noise": "gaussian", "dataset": "mnist"}, path)
 
+
+def test_unconditional_generator_asked_for_a_label_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from pipeline import cli
+
+    save_generator(tmp_path / "generator.pt", conditional="none")
     monkeypatch.chdir(tmp_path)
     for option in (["--label", "3"], ["--per-class", "2"]):
         code = cli.main(["--params", str(REPO_ROOT / "params.yaml"), "sample", "--dataset", "mnist",
@@ -119,17 +125,10 @@ def test_unconditional_generator_asked_for_a_label_is_a_one_line_error(tmp_path,
 
 
 def test_sample_rebuilds_the_label_embedding_width_the_checkpoint_was_trained_with(tmp_path, monkeypatch):
-    from conftest import REPO_ROOT
-    from gan.models import build_models
     from pipeline import cli
-    from pipeline.config import ModelConfig
 
-    model = ModelConfig(name="mlp", hidden=[16], latent_dim=8, conditional="acgan", label_embedding=4)
-    generator, _ = build_models("mlp", latent_dim=8, hidden=(16,), conditional="acgan", num_classes=CLASSES,
-                                label_embedding=4)
-    torch.save({"state_dict": generator.state_dict(), "model": model.model_dump(), "dataset": "mnist"},
-               tmp_path / "generator.pt")
-    monkeypatch.chdir(tmp_path)  # params.yaml's label_embedding (64) must not be the one used
+    save_generator(tmp_path / "generator.pt", conditional="acgan", label_embedding=4)
+    monkeypatch.chdir(tmp_path)  # params.yaml's label_embedding (16) must not be the one used
     code = cli.main(["--params", str(REPO_ROOT / "params.yaml"), "sample", "--dataset", "mnist",
                      "--checkpoint", "generator.pt", "--label", "3", "-n", "4", "-o", "threes.png"])
     assert code == 0 and Image.open(tmp_path / "threes.png").size == (2 + 2 * SIDE, 2 + 2 * SIDE)

@@ -6,6 +6,7 @@ import gzip
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -114,13 +115,21 @@ def test_read_idx_round_trip_and_strict_errors(tmp_path):
 
 
 @pytest.mark.integration
-def test_dvc_repro_preprocess_matches_served_arrays(mirror, tmp_path):
+def test_dvc_repro_of_fashion_mnist_alone_matches_served_arrays_and_runs_every_stage(mirror, tmp_path):
+    """One dataset, not the first shipped: preprocess keeps the served arrays, and every stage runs, sweep included
+    (tiny budgets: a 2-trial sweep of one epoch)."""
     repo = make_dvc_repo(tmp_path / "repo", project_params(
-        data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror.url]}, "verify_checksums": False}))
-    result = run_cmd(["dvc", "repro", "preprocess@mnist"], repo)
+        data={"datasets": ["fashion_mnist"], "mirrors": {"fashion_mnist": [mirror.url]}, "verify_checksums": False},
+        model={"name": "mlp", "hidden": [32], "latent_dim": 8},
+        train={"epochs": 1, "batch_size": 64, "eval_samples": 100, "log_every": 2},
+        evaluator={"epochs": 1, "batch_size": 64},
+        ray={"num_workers": 1, "use_gpu": False},
+        sweep={"space": {"lr_g": [1e-3, 2e-3]}, "num_samples": 1, "epochs": 1, "scheduler": "fifo",
+               "max_concurrent_trials": 1}))
+    result = run_cmd(["dvc", "repro", "preprocess@fashion_mnist"], repo)
     assert "not checked against their published md5" in result.stderr + result.stdout
 
-    with np.load(repo / "data/processed/mnist.npz") as npz:
+    with np.load(repo / "data/processed/fashion_mnist.npz") as npz:
         assert sorted(npz.files) == ["x_test", "x_train", "y_test", "y_train"]
         served = {name: gzip.decompress(data) for name, data in mirror.files.items()}
         expect_train, expect_labels = synthetic_split(300, seed=1)
@@ -130,30 +139,36 @@ def test_dvc_repro_preprocess_matches_served_arrays(mirror, tmp_path):
         assert npz["y_test"].dtype == np.int64 and npz["x_test"].shape == (100, 28, 28)
         assert npz["x_test"].tobytes() == served["t10k-images-idx3-ubyte.gz"][16:]
 
-    summary = json.loads((repo / "data/processed/mnist.json").read_text())
+    summary = json.loads((repo / "data/processed/fashion_mnist.json").read_text())
     assert summary["train"]["count"] == 300 and summary["test"]["count"] == 100
     assert summary["train"]["class_histogram"] == [30] * 10
     assert 0 < summary["train"]["pixel_mean"] < 1
-    png = (repo / "data/processed/mnist_real.png").read_bytes()
+    png = (repo / "data/processed/fashion_mnist_real.png").read_bytes()
     assert png.startswith(b"\x89PNG")
 
     dag = run_cmd(["dvc", "dag", "--md"], repo).stdout
-    assert "fetch@mnist" in dag and "preprocess@mnist" in dag
+    assert "fetch@fashion_mnist" in dag and "preprocess@fashion_mnist" in dag
 
     # A second repro has nothing to do: the stages are cached.
-    again = run_cmd(["dvc", "repro", "preprocess@mnist"], repo)
+    again = run_cmd(["dvc", "repro", "preprocess@fashion_mnist"], repo)
     assert "didn't change, skipping" in again.stdout
 
     # data.train_images (make demo's subset) is a tracked param: changing it re-runs preprocess.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["train_images"] = 120
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cut = run_cmd(["dvc", "repro", "preprocess@mnist"], repo)
-    assert "Running stage 'preprocess@mnist'" in cut.stdout and "Running stage 'fetch@mnist'" not in cut.stdout
-    with np.load(repo / "data/processed/mnist.npz") as npz:
+    cut = run_cmd(["dvc", "repro", "preprocess@fashion_mnist"], repo)
+    assert "Running stage 'preprocess@fashion_mnist'" in cut.stdout and "Running stage 'fetch@fashion_mnist'" not in cut.stdout
+    with np.load(repo / "data/processed/fashion_mnist.npz") as npz:
         np.testing.assert_array_equal(npz["x_train"], expect_train[:120])
         np.testing.assert_array_equal(npz["y_train"], expect_labels[:120])
         assert npz["x_test"].shape == (100, 28, 28)  # the floor is measured on the whole test split
+
+    run_cmd(["dvc", "repro"], repo)
+    assert json.loads((repo / "metrics/train/fashion_mnist.json").read_text())["status"] == "completed"
+    trials = pd.read_csv(repo / "sweep/results.csv")
+    assert len(trials) == 2 and trials["fid"].notna().all(), trials
+    assert json.loads((repo / "sweep/summary.json").read_text())["dataset"] == "fashion_mnist"
 
 
 @pytest.mark.integration

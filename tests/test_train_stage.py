@@ -248,15 +248,20 @@ def test_diverged_run_is_marked_failed_with_reason(evaluated, tmp_path):
 
 
 def test_gaussian1d_pipeline_learns_the_distribution(tmp_path):
-    """The 1-D demo through the whole pipeline: nothing to fetch, and the GAN must really learn N(4, 0.5)."""
+    """The 1-D demo through the whole pipeline, its sweep included: nothing to fetch, and the GAN must really learn
+    N(4, 0.5)."""
     params = project_params(
         data={"datasets": ["gaussian1d"]},
         model={"name": "toy1d", "latent_dim": 4, "hidden": [32, 32], "conditional": "none"},
         train={"epochs": 3, "batch_size": 128, "lr_g": 1e-3, "lr_d": 1e-3, "eval_samples": 5000, "log_every": 200},
         ray={"num_workers": 1, "use_gpu": False},
+        sweep={"metric": "wasserstein", "space": {"lr_g": [1e-3]}, "num_samples": 1, "epochs": 1,
+               "scheduler": "fifo"},
     )
     repo = make_dvc_repo(tmp_path / "repo", params)
-    run_cmd(["dvc", "repro", "train@gaussian1d"], repo)
+    run_cmd(["dvc", "repro"], repo)
+    swept = pd.read_csv(repo / "sweep/results.csv")
+    assert len(swept) == 1 and swept["wasserstein"].between(0, 10).all(), swept
     summary = json.loads((repo / "metrics/gaussian1d/train.json").read_text())
     assert abs(summary["mean"] - 4.0) < 0.3 and abs(summary["std"] - 0.5) < 0.25, summary
     assert summary["wasserstein"] < 0.3
