@@ -1,16 +1,19 @@
 """`ganpipe <command>`: the DVC stages and the user-facing tools, one entry point.
 
-Expected failures (bad params, failed downloads, malformed files) print one
-clear message and exit 1 without a traceback.
+Expected failures (bad params, failed downloads, malformed files, a wrong flag)
+print one clear line and exit non-zero without a traceback; ``--debug`` or
+``GANPIPE_DEBUG=1`` shows the traceback of any error.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
-from gan.data import IDXError
+from gan.data import DATASETS, IDXError
 from pipeline.config import PARAMS_FILE, ConfigError, load_config
 from pipeline.fetch import FetchError
 
@@ -91,14 +94,37 @@ def _sync(args: argparse.Namespace) -> None:
         raise TrackerError(f"MLflow at {uri} did not answer: {left} record(s) stay in {folder}; run it again later")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A wrong flag is one line naming it (``--help`` shows the usage), as every other user error is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
 PRESET_HELP = "a recipe from presets/ laid over params.yaml (default: params.yaml's preset)"
 FRESH_HELP = "start over, even when an interrupted run with the same params could be resumed"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ganpipe", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="ganpipe", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("GANPIPE_DEBUG") == "1",
+                        help="show the traceback of any error (also GANPIPE_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, help_text in [("fetch", "download the raw IDX files of a dataset"),
@@ -106,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("evaluator", "train the quality evaluator and record the floor/ceilings"),
                             ("train", "train a GAN on Ray Train, logged to MLflow")]:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--dataset", required=True)
+        sub.add_argument("--dataset", required=True, choices=DATASETS)
         if name == "train":
             sub.add_argument("--preset", help=PRESET_HELP)
             sub.add_argument("--fresh", action="store_true", help=FRESH_HELP)
@@ -119,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (mlruns/)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=port_number, default=5000)
     ui.set_defaults(func=_ui)
 
     sync = commands.add_parser("sync", help="deliver MLflow records an outage of the tracking server spooled")
@@ -130,17 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in [("sample", "write a PNG grid of generated images"),
                             ("evaluate", "print a generator's quality metrics next to the floor")]:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--dataset", required=True)
+        sub.add_argument("--dataset", required=True, choices=DATASETS)
         source = sub.add_mutually_exclusive_group()
         source.add_argument("--checkpoint", help="generator.pt or checkpoint.pt (default: models/<dataset>/generator.pt)")
         source.add_argument("--mlflow-run", help="an MLflow run id whose logged generator to use")
-        sub.add_argument("-n", type=int, default=64 if name == "sample" else 10_000, help="number of samples")
+        sub.add_argument("-n", type=positive_int, default=64 if name == "sample" else 10_000, help="number of samples")
         sub.add_argument("--seed", type=int, default=0)
         if name == "sample":
             sub.add_argument("-o", "--output", default="samples.png")
             classes = sub.add_mutually_exclusive_group()  # for a class-conditional generator
             classes.add_argument("--label", help="draw only this class: its index or name (e.g. 7, Sneaker)")
-            classes.add_argument("--per-class", type=int, metavar="K",
+            classes.add_argument("--per-class", type=positive_int, metavar="K",
                                  help="a grid of K samples per class, one row each")
         sub.set_defaults(func=_tool(name))
     return parser
@@ -153,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except _user_errors() as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"ganpipe {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

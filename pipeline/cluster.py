@@ -106,13 +106,17 @@ def resolve_address(address: str) -> tuple[str, int]:
 
 
 def wait_for_port(address: str, target: tuple[str, int], timeout_s: float) -> None:
-    """Wait until something listens at ``target``; Ray itself would retry for minutes, silently."""
-    deadline = time.monotonic() + timeout_s
+    """Wait until something listens at ``target``, saying so at once; Ray itself would retry for minutes, silently."""
+    deadline, said = time.monotonic() + timeout_s, False
     while True:
         try:
             socket.create_connection(target, timeout=5).close()
             return
         except OSError as err:
+            if not said:
+                print(f"ray.address = {address!r}: nothing answers at {target[0]}:{target[1]} yet; waiting up to "
+                      f"{timeout_s:.0f} s for the Ray cluster", flush=True)
+                said = True
             if time.monotonic() >= deadline:
                 raise ClusterError(
                     f"params.yaml: ray.address = {address!r}: no Ray cluster answered at {target[0]}:{target[1]} "

@@ -13,14 +13,15 @@ a key silently trained another model). Presets stay deltas over params.yaml.
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from gan.data import DATASETS
-from pipeline.presets import PresetError, apply_overrides, apply_preset
+from pipeline.presets import ParamsFileError, apply_overrides, apply_preset, read_mapping
 
 PARAMS_FILE = "params.yaml"
 
@@ -35,7 +36,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A number is finite wherever one is expected; "1e-3" read as a string is taken as the float it spells.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -136,8 +138,20 @@ class RayConfig(Section):
     autoscale: bool  # the cluster grows on demand: wait for resources instead of failing fast
 
 
+TRACKING_URI = re.compile(r"^(databricks\b|(https?|sqlite|file|postgresql|mysql|mssql)(\+\w+)?:)")
+
+
 class MlflowConfig(Section):
     tracking_uri: Optional[str]
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri_has_a_scheme(cls, uri: str | None) -> str | None:
+        # "localhost:5000" parses as scheme "localhost": MLflow would fail much later, far from the cause.
+        if uri is not None and not TRACKING_URI.match(uri):
+            raise ValueError("expected a URI with a scheme: http(s)://host:port for a server, sqlite:///path, "
+                             "file:///path, or null for the project's own store")
+        return uri
     experiment_prefix: str
     register_model: bool
     # At a stage's end, how long to keep retrying what an outage left in the spool before exiting anyway.
@@ -158,6 +172,7 @@ def sweep_param(key: str) -> str:
     """The params.yaml path a sweep dimension sets: model.conditional, train.lr_g, ..."""
     return f"{'model' if key in MODEL_SWEEP_KEYS else 'train'}.{key}"
 DISTRIBUTIONS = ("choice", "loguniform", "uniform")
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 class SweepConfig(Section):
@@ -180,6 +195,20 @@ class SweepConfig(Section):
     trials_per_gpu: Optional[PositiveInt]
     max_concurrent_trials: PositiveInt
     seed: int
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, space: Any) -> Any:
+        """Spelled numbers (a quoted "1e-3") become floats, as they do in the typed sections."""
+        def number(value: Any) -> Any:
+            if isinstance(value, list):
+                return [number(v) for v in value]
+            if isinstance(value, dict):
+                return {k: number(v) for k, v in value.items()}
+            if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+                return float(value)
+            return value
+        return number(space)
 
     @model_validator(mode="after")
     def _search_fits_scheduler(self) -> "SweepConfig":
@@ -222,8 +251,12 @@ class SweepConfig(Section):
             kind, args = next(iter(spec.items()))
             if kind == "choice" and not (isinstance(args, list) and args):
                 raise ValueError(f"{where}.choice: needs a non-empty list, got {args!r}")
-            if kind != "choice" and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
-                raise ValueError(f"{where}.{kind}: needs [low, high] with low < high, got {args!r}")
+            bounds = isinstance(args, list) and len(args) == 2 and all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)
+            if kind != "choice" and not (bounds and args[0] < args[1] and (kind != "loguniform" or args[0] > 0)):
+                positive = ", 0 < low" if kind == "loguniform" else ""
+                raise ValueError(f"{where}.{kind}: needs [low, high] of finite numbers, low < high{positive}; "
+                                 f"got {args!r}")
             out[key] = args
         return out
 
@@ -319,11 +352,10 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: not found (run from the project root, where params.yaml lives)")
-    with path.open() as fh:
-        try:
-            return yaml.safe_load(fh) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    try:
+        return read_mapping(path)
+    except ParamsFileError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_config(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Config:
@@ -331,7 +363,7 @@ def load_config(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None
     raw = apply_overrides(read_params(path), overrides or {})
     try:
         raw = apply_preset(raw, Path(path).resolve().parent)
-    except PresetError as err:
+    except ParamsFileError as err:
         raise ConfigError(f"{path}: {err}") from None
     return validate(raw, source=str(path))
 

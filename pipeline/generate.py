@@ -12,6 +12,7 @@ neither a grid of all classes in turn.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ from gan.metrics import evaluate
 from pipeline import tracking
 from pipeline.config import Config, ModelConfig
 from pipeline.evaluator import evaluator_paths, load_reference, pick_device
+from pipeline.spool_records import use_short_http_retries
 
 
 class SampleError(ValueError):
@@ -65,18 +67,30 @@ UNCONDITIONAL = ("this generator is unconditional (model.conditional: none): it 
 
 def read_generator_file(path: Path, dataset: str, device: torch.device) -> tuple[dict, dict]:
     """(sampling settings, weights) of a generator.pt or a training checkpoint.pt, as training recorded them."""
-    if not path.exists():
-        raise SampleError(f"no generator at {path} (run `dvc repro train@{dataset}` first)")
-    state = torch.load(path, map_location=device, weights_only=True)
-    if "state_dict" in state:  # generator.pt: the sampling generator itself
+    retrain = f"`dvc repro train@{dataset}`"
+    if not path.is_file():
+        raise SampleError(f"no generator at {path} (run {retrain} first)")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # torch raises several kinds for bytes that are not one of its files
+        raise SampleError(f"{path}: not a generator.pt or checkpoint.pt that ganpipe wrote (unreadable by torch.load: "
+                          "empty, cut short or another kind of file)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # generator.pt: the sampling G
         settings, weights = state, state["state_dict"]
-    else:  # a training checkpoint: G's moving average when the run kept one
-        settings = state.get("sampling", {})
+    elif isinstance(state, dict) and isinstance(state.get("trainer"), dict) and "generator" in state["trainer"]:
+        settings = state.get("sampling", {})  # a training checkpoint: G's moving average when the run kept one
         weights = state["trainer"].get("g_ema") or state["trainer"]["generator"]
+    else:
+        raise SampleError(f"{path}: holds a {type(state).__name__}, not a generator.pt or checkpoint.pt that "
+                          "ganpipe wrote")
     if settings.get("format") != RECORD_FORMAT:
         raise SampleError(f"{path} was written by an older ganpipe and does not record how it samples "
-                          "(its noise kind): train it again (`dvc repro train@{dataset}`)")
+                          f"(its noise kind): train it again ({retrain})")
     return settings, weights
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_run: str | None,
@@ -90,11 +104,7 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
 
     classes = len(DATASETS[dataset].classes)
     if mlflow_run:
-        import mlflow.pytorch
-
-        mlflow.set_tracking_uri(tracking.tracking_uri(cfg, Path.cwd()))
-        model = mlflow.pytorch.load_model(f"runs:/{mlflow_run}/generator", device=device)
-        params = mlflow.get_run(mlflow_run).data.params  # the run's own settings
+        model, params = _logged_generator(cfg, mlflow_run, device)
         latent_dim, noise = int(params["model.latent_dim"]), params["train.noise"]
         conditional = params["model.conditional"] != "none"
     else:
@@ -102,10 +112,37 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
         settings, weights = read_generator_file(path, dataset, device)
         model_cfg = ModelConfig(**settings["model"])
         model, _ = build_generator_and_discriminator(model_cfg, dataset)
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise SampleError(f"{path}: its weights do not fit the model it records "
+                              f"({_first_line(err).removeprefix('Error(s) in loading state_dict for ')})") from None
         model.to(device).eval()
         latent_dim, noise, conditional = model_cfg.latent_dim, settings["noise"], model_cfg.conditional != "none"
     return Sampler(model, latent_dim, noise, classes if conditional else 0, device, seed)
+
+
+def _logged_generator(cfg: Config, run_id: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The generator an MLflow run logged, and the run's params; a dead server or a wrong id is one line."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking.tracking_uri(cfg, Path.cwd())
+    store = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:///") and not store.is_file():  # MLflow would create an empty one
+        raise SampleError(f"--mlflow-run {run_id}: no MLflow store at {store} (set mlflow.tracking_uri to the "
+                          "store or server that holds the run)")
+    problem = tracking.probe_tracking_server(uri, tracking.tracking_credentials())
+    if problem:
+        raise SampleError(f"--mlflow-run: MLflow at {uri} {problem}")
+    use_short_http_retries()
+    mlflow.set_tracking_uri(uri)
+    try:
+        params = mlflow.get_run(run_id).data.params  # the run's own settings
+        return mlflow.pytorch.load_model(f"runs:/{run_id}/generator", device=device), params
+    except MlflowException as err:
+        raise SampleError(f"--mlflow-run {run_id}: no run with a logged generator in {uri} "
+                          f"({_first_line(err)})") from None
 
 
 def class_index(dataset: str, label: str) -> int:
@@ -120,6 +157,8 @@ def class_index(dataset: str, label: str) -> int:
 
 def sample_command(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_run: str | None,
                    n: int, output: str, seed: int, label: str | None = None, per_class: int | None = None) -> Path:
+    if Path(output).suffix.lower() != ".png":
+        raise SampleError(f"-o {output}: name a .png file (e.g. -o {Path(output).with_suffix('.png').name})")
     sampler = load_sampler(cfg, dataset, checkpoint=checkpoint, mlflow_run=mlflow_run,
                            device=pick_device(cfg.ray.use_gpu), seed=seed)
     nrow, labels, what = max(1, round(n ** 0.5)), None, f"{n} samples of {dataset}"
@@ -134,7 +173,15 @@ def sample_command(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_
     elif per_class:
         labels, nrow = class_rows(sampler.num_classes, per_class), per_class
         n, what = len(labels), f"{per_class} samples per class of {dataset}, one row per class"
-    save_png(image_grid(sampler(n, labels=labels), nrow=nrow), output)
+    grid = image_grid(sampler(n, labels=labels), nrow=nrow)
+    partial = Path(output).with_name(f".{Path(output).name}.partial.png")  # renamed when whole
+    try:
+        save_png(grid, partial)
+        partial.replace(output)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise SampleError(f"-o {output}: cannot write there ({err.strerror or err})") from None
     print(f"wrote {what} to {output}")
     return Path(output)
 
@@ -142,7 +189,7 @@ def sample_command(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_
 def evaluate_command(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_run: str | None,
                      n: int, seed: int) -> pd.DataFrame:
     if DATASETS[dataset].kind == "toy":
-        raise ValueError("ganpipe evaluate measures image datasets; gaussian1d runs report mean/std in training")
+        raise SampleError("ganpipe evaluate measures image datasets; gaussian1d runs report mean/std in training")
     device = pick_device(cfg.ray.use_gpu)
     sampler = load_sampler(cfg, dataset, checkpoint=checkpoint, mlflow_run=mlflow_run, device=device, seed=seed)
     evaluator, reference = load_reference(dataset, Path("."), device)

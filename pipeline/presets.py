@@ -10,6 +10,7 @@ everything else comes from params.yaml. Plain YAML and no validation here (that 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,42 @@ import yaml
 PRESETS_FOLDER = "presets"  # beside params.yaml, in the project root
 
 
-class PresetError(ValueError):
+class ParamsFileError(ValueError):
+    """A params or preset file that cannot be read as a mapping; one line naming the file and the problem."""
+
+
+class PresetError(ParamsFileError):
     """An unknown or unreadable preset; the message names it and the ones that exist."""
+
+
+class NumbersLoader(yaml.SafeLoader):
+    """YAML as written by people: ``1e-3`` is a float (YAML 1.2), not the string PyYAML's 1.1 rules make it."""
+
+
+NumbersLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_mapping(path: Path, what: str = "sections", shown: str | None = None) -> dict[str, Any]:
+    """A YAML file of nested mappings (an empty file is {}); anything else is one ``ParamsFileError`` line, which
+    names the file as ``shown`` (default: its path)."""
+    shown = shown or str(path)
+    if path.is_dir():
+        raise ParamsFileError(f"{shown}: is a folder, not a YAML file")
+    try:
+        data = yaml.load(path.read_text(), Loader=NumbersLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({err.context})" if err.context else ""
+        raise ParamsFileError(f"{shown}: not valid YAML{where}: {err.problem}{context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ParamsFileError(f"{shown}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsFileError(f"{shown}: must hold a mapping of {what}, found a {type(data).__name__}")
+    return data
 
 
 def available(root: Path) -> list[str]:
@@ -31,16 +66,30 @@ def preset_overrides(name: str, root: Path) -> dict[str, Any]:
     path = root / PRESETS_FOLDER / f"{name}.yaml"
     if not path.is_file():
         raise PresetError(f"preset = {name!r} is not one of: {', '.join(available(root)) or '(none found)'}")
-    overrides = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(overrides, dict):
-        raise PresetError(f"preset {name!r}: {path.name} must hold a mapping of params sections")
-    return overrides
+    try:
+        return read_mapping(path, "params sections", shown=f"{PRESETS_FOLDER}/{name}.yaml")
+    except ParamsFileError as err:
+        raise PresetError(f"preset {name!r}: {err}") from None
 
 
 def apply_preset(raw: dict[str, Any], root: Path) -> dict[str, Any]:
-    """``raw`` with its ``preset``'s values merged over it (a copy; unchanged without a preset)."""
+    """``raw`` with its ``preset``'s values merged over it (a copy; unchanged without a preset).
+
+    A preset only sets keys params.yaml has (it lists them all): any other is the preset's mistake, said as such.
+    """
     name = raw.get("preset")
-    return merge(raw, preset_overrides(name, root)) if name else raw
+    if not name:
+        return raw
+    overrides = preset_overrides(name, root)
+    for section, values in overrides.items():
+        keys = values if isinstance(values, dict) else {}
+        for key in [None, *keys]:
+            base = raw.get(section) if key is None else (raw.get(section) or {})
+            if not isinstance(base, dict) or (key is not None and key not in base):
+                dotted = section if key is None else f"{section}.{key}"
+                raise PresetError(f"preset {name!r}: {PRESETS_FOLDER}/{name}.yaml sets '{dotted}', which is not a "
+                                  "key of params.yaml")
+    return merge(raw, overrides)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def test_null_address_always_starts_a_fresh_local_ray(monkeypatch):
     assert calls and calls[0]["address"] == "local"  # never a cluster a former `ray start` left behind
 
 
-def test_unreachable_address_fails_with_one_line_naming_ray_address():
+def test_unreachable_address_fails_with_one_line_naming_ray_address(capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again below: nothing listens there
@@ -88,6 +88,9 @@ def test_unreachable_address_fails_with_one_line_naming_ray_address():
     with pytest.raises(ClusterError) as info:
         cluster.wait_for_port(address, cluster.resolve_address(address), timeout_s=1)
     assert time.monotonic() - started < 10
+    # Said at once, not after the wait: what it waits for, and how long.
+    assert capsys.readouterr().out == f"ray.address = '{address}': nothing answers at {address} yet; waiting up to " \
+                                      "1 s for the Ray cluster\n"
     message = str(info.value)
     assert message.startswith(f"params.yaml: ray.address = '{address}': no Ray cluster answered at {address}")
     assert "\n" not in message
