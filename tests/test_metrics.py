@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from gan.data import to_unit_range
 from gan.metrics import (
     METRIC_KEYS, EvaluatorNet, ReplaySampler, class_coverage, class_kl, evaluate, fid, frechet_distance,
-    inception_score, kid, load_evaluator, noise_sampler, precision_recall, random_shift, real_reference,
-    reference_scores, save_evaluator, train_evaluator,
+    inception_score, kid, load_evaluator, noise_sampler, random_shift, real_reference, reference_scores,
+    save_evaluator, train_evaluator, variety,
 )
 
 NUM_CLASSES = 10
@@ -176,12 +176,13 @@ def test_precision_recall_same_distribution_and_dropped_modes():
     real = clusters(1000, list(range(10)), rng)
     same = clusters(1000, list(range(10)), rng)
     half_the_modes = clusters(1000, list(range(5)), rng)
-    precision, recall = precision_recall(real, same, k=3)
-    assert precision > 0.85 and recall > 0.85
-    precision, recall_dropped = precision_recall(real, half_the_modes, k=3)
-    assert precision > 0.85
+    same_scores = variety(real, same, k=3)
+    assert same_scores["precision"] > 0.85 and same_scores["recall"] > 0.85
+    dropped = variety(real, half_the_modes, k=3)
+    assert dropped["precision"] > 0.85
     # Half the real samples lie in modes the fakes never visit.
-    assert 0.35 < recall_dropped < 0.55 and recall_dropped < 0.6 * recall
+    assert 0.35 < dropped["recall"] < 0.55 and dropped["recall"] < 0.6 * same_scores["recall"]
+    assert 0.35 < dropped["coverage"] < 0.55 < 0.85 < same_scores["coverage"]
 
 
 # --------------------------------------------------------------------------- the evaluator
@@ -258,7 +259,7 @@ def test_evaluate_replaying_the_reference_itself_is_perfect(trained):
     scores = evaluate(ReplaySampler(x_test), net, reference, n=len(x_test), batch_size=300)
     assert tuple(scores) == METRIC_KEYS
     assert abs(scores["fid"]) < 1e-6  # the same images in another order
-    assert scores["precision"] == 1.0 and scores["recall"] == 1.0
+    assert scores["precision"] == 1.0 and scores["recall"] == 1.0 and scores["coverage"] == 1.0
     assert scores["class_coverage"] == 1.0 and scores["class_kl"] < 0.01
 
 
