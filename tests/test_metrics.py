@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gan.data import to_unit_range
 from gan.metrics import (
-    METRIC_KEYS, EvaluatorNet, ReplaySampler, class_coverage, class_kl, evaluate, fid, frechet_distance,
+    METRIC_KEYS, ClassReplaySampler, EvaluatorNet, ReplaySampler, class_coverage, class_kl, evaluate, fid, frechet_distance,
     inception_score, kid, load_evaluator, noise_sampler, random_shift, real_reference, reference_scores,
     save_evaluator, train_evaluator, variety,
 )
@@ -171,7 +171,7 @@ def clusters(n: int, modes: list[int], rng: np.random.Generator) -> np.ndarray:
     return centres[rng.choice(modes, size=n)] + rng.normal(size=(n, 4))
 
 
-def test_precision_recall_same_distribution_and_dropped_modes():
+def test_variety_same_distribution_and_dropped_modes():
     rng = np.random.default_rng(6)
     real = clusters(1000, list(range(10)), rng)
     same = clusters(1000, list(range(10)), rng)
@@ -263,16 +263,23 @@ def test_evaluate_replaying_the_reference_itself_is_perfect(trained):
     assert scores["class_coverage"] == 1.0 and scores["class_kl"] < 0.01
 
 
-def test_reference_scores_floor_below_ceilings(trained):
+@pytest.fixture(scope="module")
+def yardstick(trained):
     net, _, (x_train, y_train), (x_test, y_test) = trained
-    scores = reference_scores(net, x_train, x_test, y_test, n=500, real_train_labels=y_train)
-    floor, noise, single = scores["real_vs_real"], scores["noise"], scores["single_class"]
+    return reference_scores(net, x_train, x_test, y_test, n=500, real_train_labels=y_train)
+
+
+def test_reference_scores_floor_below_ceilings(yardstick):
+    floor, noise, single = yardstick["real_vs_real"], yardstick["noise"], yardstick["single_class"]
     assert floor["class_coverage"] == 1.0 and floor["class_kl"] < 0.02
     assert single["class_coverage"] == pytest.approx(0.1)
     assert single["class_kl"] == pytest.approx(math.log(10), abs=0.05)  # balanced test labels
     assert floor["fid"] < 0.05 * min(noise["fid"], single["fid"])
     assert floor["kid"] < 0.05 * min(noise["kid"], single["kid"])
     assert floor["recall"] > 0.7 and single["recall"] < 0.2
+    assert floor["coverage"] > 0.8 and single["coverage"] < 0.2 and noise["coverage"] == noise["density"] == 0.0
+    # The floor has the within-class figures too: train images of class k replayed when k is asked for.
+    assert floor["cond_accuracy"] > 0.97 and floor["recall_within_class"] > 0.7 and "fid_class_9" in floor
     # A 2-epoch evaluator's softmax is soft, so even real images score well below 10.
     assert floor["inception_score"] > 4.0 and single["inception_score"] < 1.2
 
@@ -282,3 +289,32 @@ def test_evaluate_rejects_samples_of_the_wrong_shape(trained):
     reference = real_reference(net, x_test[:100], y_test[:100])
     with pytest.raises(ValueError, match="expected"):
         evaluate(lambda n: torch.zeros(n, 1, 32, 32), net, reference, n=10)
+
+
+def few_per_class(images: np.ndarray, labels: np.ndarray, count: int) -> ClassReplaySampler:
+    chosen = np.concatenate([np.flatnonzero(labels == k)[:count] for k in range(NUM_CLASSES)])
+    return ClassReplaySampler(images[chosen], labels[chosen])
+
+
+def test_replaying_a_few_images_per_class_fools_fid_and_accuracy_not_recall(trained, yardstick):
+    net, _, (x_train, y_train), (x_test, y_test) = trained
+    reference = real_reference(net, x_test, y_test)
+    scores = evaluate(few_per_class(x_train, y_train, 5), net, reference, n=500, conditional=True)
+    floor, noise, single = yardstick["real_vs_real"], yardstick["noise"], yardstick["single_class"]
+    assert scores["fid"] < 0.02 * min(noise["fid"], single["fid"]) and scores["cond_accuracy"] > 0.97
+    assert scores["precision"] > 0.9 and scores["precision_within_class"] > 0.9
+    # Each sample is one of 50 images repeated 10 times: its k-NN ball is a point.
+    assert scores["recall"] < 0.02 and scores["recall_within_class"] < 0.02
+    assert scores["coverage"] < 0.5 * floor["coverage"] and scores["coverage_within_class"] < 0.5 * floor["coverage"]
+
+
+def test_other_real_images_score_the_real_vs_real_figures(trained, yardstick):
+    """A third real split, asked for by class, stands for a perfect generator: it lands on the floor."""
+    net, _, _, (x_test, y_test) = trained
+    x_other, y_other = blob_images(1000, seed=3)
+    reference = real_reference(net, x_test, y_test)
+    scores = evaluate(ClassReplaySampler(x_other, y_other), net, reference, n=500, conditional=True)
+    floor = yardstick["real_vs_real"]
+    for key in ("precision", "recall", "density", "coverage"):
+        assert scores[key] == pytest.approx(floor[key], abs=0.1), key
+        assert scores[f"{key}_within_class"] == pytest.approx(floor[f"{key}_within_class"], abs=0.1), key
