@@ -206,7 +206,8 @@ def _embed_samples(sampler: Sampler, evaluator: EvaluatorNet, reference: RealRef
                    device, conditional: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(features, logits, asked labels or None) of ``n`` samples; conditional: the classes in turn (balanced)."""
     labels = torch.arange(n, device=device) % evaluator.num_classes if conditional else None
-    features, logits = _embed(evaluator, _sampled_batches(sampler, n, batch_size, reference.image_shape, device, labels))
+    batches = _sampled_batches(sampler, n, batch_size, reference.image_shape, device, labels)
+    features, logits = _embed(evaluator, batches)
     return features, logits, labels
 
 
