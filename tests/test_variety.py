@@ -79,3 +79,16 @@ def test_within_class_sees_samples_of_the_wrong_class():
         per_class = [good[f"{key}_class_{k}"] for k in range(3)]
         assert good[f"{key}_within_class"] == pytest.approx(np.mean(per_class))
         assert bad[f"{key}_within_class"] == 0.0
+
+
+def test_a_sweep_can_optimize_variety():
+    from helpers import REPO_ROOT
+    from pipeline.config import ConfigError, apply_overrides, read_params, validate
+
+    raw = read_params(REPO_ROOT / "params.yaml")
+    for metric in ("precision", "recall", "density", "coverage", "recall_within_class"):
+        assert validate(apply_overrides(raw, {"sweep.metric": metric})).sweep.mode == "max"
+    # Only a conditional model asks for each class: a within-class metric needs one in every trial.
+    unconditional = {"model.conditional": "none", "sweep.metric": "coverage_within_class"}
+    with pytest.raises(ConfigError, match="sweep.metric coverage_within_class needs a conditional model"):
+        validate(apply_overrides(raw, unconditional))
