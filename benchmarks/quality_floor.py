@@ -27,13 +27,16 @@ LABELS = {"real_vs_real": "real train vs test (floor)", "noise": "uniform noise 
 
 
 def markdown_table(scores: dict[str, dict[str, float]]) -> str:
-    lines = ["| stand-in generator | FID | KID | IS | coverage | class KL | precision | recall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| stand-in generator | FID | KID | IS | classes hit | class KL | precision | recall | density | coverage "
+             "| recall within a class |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in scores.items():
+        within = f"{s['recall_within_class']:.3f}" if "recall_within_class" in s else "-"
         lines.append(
             f"| {LABELS[name]} | {s['fid']:.2f} | {s['kid']:.4f} ± {s['kid_std']:.4f} "
             f"| {s['inception_score']:.2f} ± {s['inception_score_std']:.2f} | {s['class_coverage']:.2f} "
-            f"| {s['class_kl']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} |")
+            f"| {s['class_kl']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['density']:.3f} "
+            f"| {s['coverage']:.3f} | {within} |")
     return "\n".join(lines)
 
 

@@ -1,9 +1,10 @@
 """Sample quality, measured by a small classifier trained on the real data.
 
 Inception weights need the internet and Inception is the wrong eye for 28x28
-digits, so each dataset gets its own ``EvaluatorNet``; FID, KID, precision and
-recall live in its 128-d penultimate feature space, and the classifier
-Inception Score, class coverage and class KL on its softmax.
+digits, so each dataset gets its own ``EvaluatorNet``; FID, KID, precision,
+recall, density and coverage (``gan.variety``) live in its 128-d penultimate
+feature space, and the classifier Inception Score, class coverage and class KL
+on its softmax.
 
 A model's figures only mean something next to ``reference_scores``: real train
 images scored against real test images are the floor (no generator can beat
@@ -26,11 +27,12 @@ from gan.evaluator_net import (  # noqa: F401
     EvaluatorNet, _as_image_tensor, _embed, _embed_uint8, accuracy, load_evaluator, random_shift, save_evaluator,
     train_evaluator,
 )
+from gan.variety import VARIETY_KEYS, variety, variety_within_class
 
 Sampler = Callable[..., torch.Tensor]  # n -> (n, C, H, W) images in [-1, 1]; conditional: (n, labels=...)
 
 METRIC_KEYS = ("fid", "kid", "kid_std", "inception_score", "inception_score_std",
-               "class_coverage", "class_kl", "precision", "recall")
+               "class_coverage", "class_kl", *VARIETY_KEYS)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -159,35 +161,6 @@ def class_kl(pred_classes, real_labels_or_hist, num_classes: int, eps: float = 1
     return float((torch.special.xlogy(generated, generated) - torch.special.xlogy(generated, real)).sum())
 
 
-def _knn_radii(points: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
-    """Distance from each point to its k-th nearest other point (the point itself is the 1st)."""
-    return torch.cat([torch.cdist(chunk, points).kthvalue(k + 1, dim=1).values
-                      for chunk in points.split(batch_size)])
-
-
-def _fraction_inside(queries: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, batch_size: int) -> float:
-    """Fraction of queries inside at least one ball (center, radius)."""
-    inside = [(torch.cdist(chunk, centers) <= radii).any(1) for chunk in queries.split(batch_size)]
-    return float(torch.cat(inside).double().mean())
-
-
-def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 1000) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) of k-NN manifolds.
-
-    Each set's manifold is the union of balls around its points reaching to the
-    k-th nearest neighbour. Precision: share of fakes inside the real manifold
-    (are samples realistic?); recall: share of reals inside the fake manifold
-    (is the data's variety covered?). Distances in ``batch_size`` row blocks.
-    """
-    real = torch.as_tensor(real_feats).detach().float()
-    fake = torch.as_tensor(fake_feats).detach().to(real.device, torch.float32)
-    if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
-    precision = _fraction_inside(fake, real, _knn_radii(real, k, batch_size), batch_size)
-    recall = _fraction_inside(real, fake, _knn_radii(fake, k, batch_size), batch_size)
-    return precision, recall
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -224,6 +197,20 @@ def _sampled_batches(sampler: Sampler, n: int, batch_size: int, shape: tuple, de
         yield images.to(device, torch.float32)
 
 
+def _real_order(n: int, seed: int, device) -> torch.Tensor:
+    """A fixed (``seed``) shuffle of the reals, so successive evaluations compare the same subsets."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _embed_samples(sampler: Sampler, evaluator: EvaluatorNet, reference: RealReference, n: int, batch_size: int,
+                   device, conditional: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(features, logits, asked labels or None) of ``n`` samples; conditional: the classes in turn (balanced)."""
+    labels = torch.arange(n, device=device) % evaluator.num_classes if conditional else None
+    batches = _sampled_batches(sampler, n, batch_size, reference.image_shape, device, labels)
+    features, logits = _embed(evaluator, batches)
+    return features, logits, labels
+
+
 @torch.no_grad()
 def evaluate(sampler: Sampler, evaluator: EvaluatorNet, reference: RealReference, n: int = 10_000,
              batch_size: int = 1000, device: torch.device | str | None = None, seed: int = 0,
@@ -233,28 +220,26 @@ def evaluate(sampler: Sampler, evaluator: EvaluatorNet, reference: RealReference
     ``sampler(k)`` returns k images (k, C, H, W) in [-1, 1] on any device; it is
     called in batches of ``batch_size`` (put the generator in eval mode yourself
     if it should be). FID, KID, IS, coverage and KL use all ``n`` samples and
-    the whole reference; precision/recall compare min(n, N_real) of each, with a
-    fixed (``seed``) subset of the reals so successive evaluations are comparable.
-    Keys: see ``METRIC_KEYS``.
+    the whole reference; precision, recall, density and coverage compare
+    min(n, N_real) of each, with a fixed (``seed``) subset of the reals so
+    successive evaluations are comparable. Keys: see ``METRIC_KEYS``.
 
     ``conditional``: ``sampler(k, labels=...)`` draws the given classes; the n samples
     are the classes in turn (balanced), and ``conditional_scores`` are added.
     """
     device = torch.device(device) if device is not None else reference.features.device
     evaluator.to(device)
-    labels = torch.arange(n, device=device) % evaluator.num_classes if conditional else None
-    fake_features, fake_logits = _embed(
-        evaluator, _sampled_batches(sampler, n, batch_size, reference.image_shape, device, labels))
+    fake_features, fake_logits, labels = _embed_samples(sampler, evaluator, reference, n, batch_size, device,
+                                                        conditional)
     real_features = reference.features.to(device)
 
     probs = torch.softmax(fake_logits.double(), dim=1)
     predicted = probs.argmax(1)
     kid_mean, kid_std = kid(fake_features, real_features, seed=seed)
     score_mean, score_std = inception_score(probs)
-    pr_size = min(n, len(real_features))
-    real_subset = torch.randperm(len(real_features), generator=torch.Generator().manual_seed(seed))[:pr_size]
-    precision, recall = precision_recall(real_features[real_subset.to(device)], fake_features[:pr_size])
-    extra = conditional_scores(fake_features, predicted, labels, reference) if conditional else {}
+    size = min(n, len(real_features))
+    real_subset = real_features[_real_order(len(real_features), seed, device)[:size]]
+    extra = conditional_scores(fake_features, predicted, labels, reference, seed) if conditional else {}
     return {
         "fid": frechet_distance(*mean_and_covariance(fake_features), reference.mu, reference.sigma),
         "kid": kid_mean,
@@ -263,17 +248,21 @@ def evaluate(sampler: Sampler, evaluator: EvaluatorNet, reference: RealReference
         "inception_score_std": score_std,
         "class_coverage": class_coverage(predicted, evaluator.num_classes),
         "class_kl": class_kl(predicted, reference.class_histogram, evaluator.num_classes),
-        "precision": precision,
-        "recall": recall,
+        **variety(real_subset, fake_features[:size]),
         **extra,
     }
 
 
 def conditional_scores(fake_features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor,
-                       reference: RealReference) -> dict[str, float]:
-    """How well samples asked for class k are class k: ``cond_accuracy`` (the share the evaluator assigns to
-    the class they were drawn for) overall and per class (``cond_accuracy_<k>``), and ``fid_class_<k>``, the
-    FID of class k's samples against the real test images of class k."""
+                       reference: RealReference, seed: int = 0) -> dict[str, float]:
+    """How well samples asked for class k are class k, and how much of class k they draw.
+
+    ``cond_accuracy`` (the share the evaluator assigns to the class they were
+    drawn for) overall and per class (``cond_accuracy_<k>``); ``fid_class_<k>``,
+    the FID of class k's samples against the real test images of class k; and
+    ``variety_within_class`` of the same (precision, recall, density, coverage
+    per class and their means), on a fixed (``seed``) shuffle of the reals.
+    """
     if reference.labels is None:
         raise ValueError("conditional scores need a reference with the real labels (real_reference gives them)")
     hits = predicted.to(labels.device) == labels
@@ -284,6 +273,9 @@ def conditional_scores(fake_features: torch.Tensor, predicted: torch.Tensor, lab
         scores[f"cond_accuracy_{k}"] = float(hits[mine].double().mean())
         if len(real) > 1 and int(mine.sum()) > 1:
             scores[f"fid_class_{k}"] = fid(fake_features[mine], real)
+    order = _real_order(len(real_labels), seed, real_labels.device)
+    scores.update(variety_within_class(reference.features[order], real_labels[order],
+                                       fake_features.to(reference.features.device), labels.to(real_labels.device)))
     return scores
 
 
@@ -306,6 +298,23 @@ class ReplaySampler:
         return to_unit_range(self.images[index])
 
 
+class ClassReplaySampler:
+    """A conditional 'generator' that replays real images of the classes asked for (``ReplaySampler`` per class)."""
+
+    def __init__(self, images_uint8, labels, seed: int = 0):
+        images = _as_image_tensor(images_uint8)
+        labels = torch.as_tensor(labels, device=images.device)
+        self.image_shape = tuple(images.shape[1:])
+        self.classes = [ReplaySampler(images[labels == k], seed + k) for k in range(int(labels.max()) + 1)]
+
+    def __call__(self, n: int, labels: torch.Tensor) -> torch.Tensor:
+        images = torch.empty((n, *self.image_shape), device=labels.device)
+        for k, replay in enumerate(self.classes):
+            asked = labels == k
+            images[asked] = replay(int(asked.sum())).to(labels.device)
+        return images
+
+
 def noise_sampler(shape: tuple[int, ...], seed: int = 0, device: torch.device | str = "cpu") -> Sampler:
     """Uniform noise images in [-1, 1]: the 'knows nothing' ceiling."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -317,18 +326,25 @@ def reference_scores(evaluator: EvaluatorNet, real_train_uint8, real_test_uint8,
                      batch_size: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
     """``evaluate`` of three stand-in generators against the real test split.
 
-    - "real_vs_real": replays random real train images, the floor;
+    - "real_vs_real": replays random real train images, the floor; with the
+      ``conditional_scores`` of replaying the train images of each class asked for
+      (accuracy, FID and variety within a class);
     - "noise": uniform noise in [-1, 1], the ceiling of a generator that learned nothing;
     - "single_class": replays only the train images of class 0 (``real_train_labels``
       selects them), the ceiling of total mode collapse onto perfect images.
     """
     reference = real_reference(evaluator, real_test_uint8, real_test_labels, device, batch_size)
     train = _as_image_tensor(real_train_uint8, device)
-    class0 = train[torch.as_tensor(real_train_labels, device=device) == 0]
+    train_labels = torch.as_tensor(real_train_labels, device=device)
     samplers = {
         "real_vs_real": ReplaySampler(train, seed),
         "noise": noise_sampler(reference.image_shape, seed, device),
-        "single_class": ReplaySampler(class0, seed),
+        "single_class": ReplaySampler(train[train_labels == 0], seed),
     }
-    return {name: evaluate(sampler, evaluator, reference, n=n, batch_size=batch_size, device=device, seed=seed)
-            for name, sampler in samplers.items()}
+    scores = {name: evaluate(sampler, evaluator, reference, n=n, batch_size=batch_size, device=device, seed=seed)
+              for name, sampler in samplers.items()}
+    with torch.no_grad():
+        features, logits, labels = _embed_samples(ClassReplaySampler(train, train_labels, seed), evaluator,
+                                                  reference, n, batch_size, device, conditional=True)
+    scores["real_vs_real"].update(conditional_scores(features, logits.argmax(1), labels, reference, seed))
+    return scores

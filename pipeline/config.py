@@ -160,8 +160,12 @@ class MlflowConfig(Section):
 
 # Quality metrics a sweep can optimize, and whether lower or higher is better.
 METRIC_MODES = {"fid": "min", "kid": "min", "class_kl": "min", "inception_score": "max",
-                "class_coverage": "max", "precision": "max", "recall": "max", "cond_accuracy": "max",
+                "class_coverage": "max", "precision": "max", "recall": "max", "density": "max", "coverage": "max",
+                "cond_accuracy": "max", "precision_within_class": "max", "recall_within_class": "max",
+                "density_within_class": "max", "coverage_within_class": "max",
                 "wasserstein": "min"}  # wasserstein: the 1-D toy set's only quality metric
+CONDITIONAL_METRICS = ("cond_accuracy", "precision_within_class", "recall_within_class", "density_within_class",
+                       "coverage_within_class")  # only a conditional model reports them
 # One-worker sweep trials per GPU when sweep.trials_per_gpu is null (docs/gpu.md says why 4).
 DEFAULT_TRIALS_PER_GPU = 4
 SweepableKey = Literal["lr_g", "lr_d", "d_steps", "g_steps", "loss", "label_smoothing", "batch_size", "conditional"]
@@ -291,8 +295,8 @@ class Config(Section):
             allowed = "wasserstein" if self.sweep_dataset == "gaussian1d" else "any but wasserstein"
             raise ValueError(f"sweep.metric {self.sweep.metric} is not measured on {self.sweep_dataset}, the sweep's "
                              f"dataset (allowed there: {allowed})")
-        if self.sweep.metric == "cond_accuracy" and "none" in trials:
-            raise ValueError("sweep.metric cond_accuracy needs a conditional model in every trial "
+        if self.sweep.metric in CONDITIONAL_METRICS and "none" in trials:
+            raise ValueError(f"sweep.metric {self.sweep.metric} needs a conditional model in every trial "
                              "(model.conditional or sweep.space.conditional: concat, projection, acgan)")
         return self
 

@@ -106,7 +106,8 @@ class RankZeroLogger:
         if self.toy:
             quality = toy_quality(trainer.sample(self.eval_samples), self.reference)
         else:
-            # A conditional model is asked for each class in turn: cond_accuracy and fid_class_<k> too.
+            # A conditional model is asked for each class in turn: cond_accuracy, fid_class_<k> and the
+            # variety within each class (<precision|recall|density|coverage>_class_<k>, their _within_class means).
             quality = evaluate(trainer.sample, self.evaluator, self.reference, n=self.cfg.train.eval_samples,
                                device=self.device, conditional=trainer.num_classes > 0)
         quality = {k: float(v) for k, v in quality.items()}

@@ -2,9 +2,10 @@
 
 Writes models/evaluator/<dataset>.pt and metrics/evaluator/<dataset>.json, the
 yardstick's ends: the real-vs-real floor (train split vs test split, what a
-perfect generator reaches) and the ceilings (uniform noise, a single class), so
+perfect generator reaches; with the within-class figures of replaying each
+class's train images) and the ceilings (uniform noise, a single class), so
 every GAN figure can be read against them. What users compare across DVC
-experiments, the accuracy and the FID floor, is also the DVC metric
+experiments, the accuracy and the FID and recall floors, is also the DVC metric
 metrics/<dataset>/evaluator.json; the ceilings stay out of `dvc metrics show`.
 
 The 1-D toy set has no classes: its "evaluator" is the real test sample itself,
@@ -78,10 +79,13 @@ def run(cfg: Config, dataset: str) -> dict:
     report = {"dataset": dataset, **scores, "train_seconds": round(time.perf_counter() - started, 1),
               "reference_samples": n, **{name: _rounded(values) for name, values in references.items()}}
     paths["yardstick"].write_text(json.dumps(report, indent=2) + "\n")
-    floor, noise = references["real_vs_real"]["fid"], references["noise"]["fid"]
-    tracking.write_dvc_metrics(paths["metrics"], {"test_accuracy": scores["test_accuracy"], "floor": {"fid": floor}})
-    print(f"evaluator@{dataset}: test accuracy {scores['test_accuracy']:.4f}; "
-          f"FID floor (real vs real) {floor:.3f}, noise ceiling {noise:.1f}")
+    floor, noise = references["real_vs_real"], references["noise"]["fid"]
+    tracking.write_dvc_metrics(paths["metrics"], {"test_accuracy": scores["test_accuracy"],
+                                                  "floor": {"fid": floor["fid"], "recall": floor["recall"]}})
+    print(f"evaluator@{dataset}: test accuracy {scores['test_accuracy']:.4f}; real vs real: FID {floor['fid']:.3f} "
+          f"(noise ceiling {noise:.1f}), precision {floor['precision']:.3f}, recall {floor['recall']:.3f}, "
+          f"density {floor['density']:.3f}, coverage {floor['coverage']:.3f}, "
+          f"recall within a class {floor['recall_within_class']:.3f}")
     return report
 
 

@@ -384,13 +384,15 @@ def _write_dvc_outputs(cfg: Config, dataset: str, root: Path, result, status: di
         shutil.copy(folder / "rank0.pt", paths["checkpoint"])
         for name in ("losses", "quality", "samples"):
             shutil.copy(folder / f"{name}{paths[name].suffix}", paths[name])
-    keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall", "cond_accuracy",
-            "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
+    keys = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall", "density", "coverage",
+            "cond_accuracy", "precision_within_class", "recall_within_class", "density_within_class",
+            "coverage_within_class", "mean", "std", "wasserstein", "loss_d", "loss_g", "images_per_sec", "wall_seconds",
             "epoch", "step", "status", "cuda_graph", "graph_fallback_reason", "peak_memory_gib")
     summary = {k: status[k] for k in keys if k in status}
     summary["mlflow_run_id"] = run_id
     paths["report"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    comparable = ("fid", "kid", "inception_score", "class_coverage", "cond_accuracy", "mean", "std", "wasserstein",
+    # `dvc metrics show` must fit 200 columns: recall speaks for variety; KID and class coverage stay in the report.
+    comparable = ("fid", "inception_score", "recall", "cond_accuracy", "mean", "std", "wasserstein",
                   "images_per_sec", "mlflow_run_id")
     tracking.write_dvc_metrics(paths["metrics"], {k: summary[k] for k in comparable if k in summary})
     return summary

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from gan.data import to_unit_range
 from gan.metrics import (
-    METRIC_KEYS, EvaluatorNet, ReplaySampler, class_coverage, class_kl, evaluate, fid, frechet_distance,
-    inception_score, kid, load_evaluator, noise_sampler, precision_recall, random_shift, real_reference,
-    reference_scores, save_evaluator, train_evaluator,
+    METRIC_KEYS, ClassReplaySampler, EvaluatorNet, ReplaySampler, class_coverage, class_kl, evaluate, fid,
+    frechet_distance, inception_score, kid, load_evaluator, noise_sampler, random_shift, real_reference,
+    reference_scores, save_evaluator, train_evaluator, variety,
 )
 
 NUM_CLASSES = 10
@@ -171,17 +171,18 @@ def clusters(n: int, modes: list[int], rng: np.random.Generator) -> np.ndarray:
     return centres[rng.choice(modes, size=n)] + rng.normal(size=(n, 4))
 
 
-def test_precision_recall_same_distribution_and_dropped_modes():
+def test_variety_same_distribution_and_dropped_modes():
     rng = np.random.default_rng(6)
     real = clusters(1000, list(range(10)), rng)
     same = clusters(1000, list(range(10)), rng)
     half_the_modes = clusters(1000, list(range(5)), rng)
-    precision, recall = precision_recall(real, same, k=3)
-    assert precision > 0.85 and recall > 0.85
-    precision, recall_dropped = precision_recall(real, half_the_modes, k=3)
-    assert precision > 0.85
+    same_scores = variety(real, same, k=3)
+    assert same_scores["precision"] > 0.85 and same_scores["recall"] > 0.85
+    dropped = variety(real, half_the_modes, k=3)
+    assert dropped["precision"] > 0.85
     # Half the real samples lie in modes the fakes never visit.
-    assert 0.35 < recall_dropped < 0.55 and recall_dropped < 0.6 * recall
+    assert 0.35 < dropped["recall"] < 0.55 and dropped["recall"] < 0.6 * same_scores["recall"]
+    assert 0.35 < dropped["coverage"] < 0.55 < 0.85 < same_scores["coverage"]
 
 
 # --------------------------------------------------------------------------- the evaluator
@@ -258,20 +259,27 @@ def test_evaluate_replaying_the_reference_itself_is_perfect(trained):
     scores = evaluate(ReplaySampler(x_test), net, reference, n=len(x_test), batch_size=300)
     assert tuple(scores) == METRIC_KEYS
     assert abs(scores["fid"]) < 1e-6  # the same images in another order
-    assert scores["precision"] == 1.0 and scores["recall"] == 1.0
+    assert scores["precision"] == 1.0 and scores["recall"] == 1.0 and scores["coverage"] == 1.0
     assert scores["class_coverage"] == 1.0 and scores["class_kl"] < 0.01
 
 
-def test_reference_scores_floor_below_ceilings(trained):
+@pytest.fixture(scope="module")
+def yardstick(trained):
     net, _, (x_train, y_train), (x_test, y_test) = trained
-    scores = reference_scores(net, x_train, x_test, y_test, n=500, real_train_labels=y_train)
-    floor, noise, single = scores["real_vs_real"], scores["noise"], scores["single_class"]
+    return reference_scores(net, x_train, x_test, y_test, n=500, real_train_labels=y_train)
+
+
+def test_reference_scores_floor_below_ceilings(yardstick):
+    floor, noise, single = yardstick["real_vs_real"], yardstick["noise"], yardstick["single_class"]
     assert floor["class_coverage"] == 1.0 and floor["class_kl"] < 0.02
     assert single["class_coverage"] == pytest.approx(0.1)
     assert single["class_kl"] == pytest.approx(math.log(10), abs=0.05)  # balanced test labels
     assert floor["fid"] < 0.05 * min(noise["fid"], single["fid"])
     assert floor["kid"] < 0.05 * min(noise["kid"], single["kid"])
     assert floor["recall"] > 0.7 and single["recall"] < 0.2
+    assert floor["coverage"] > 0.8 and single["coverage"] < 0.2 and noise["coverage"] == noise["density"] == 0.0
+    # The floor has the within-class figures too: train images of class k replayed when k is asked for.
+    assert floor["cond_accuracy"] > 0.97 and floor["recall_within_class"] > 0.7 and "fid_class_9" in floor
     # A 2-epoch evaluator's softmax is soft, so even real images score well below 10.
     assert floor["inception_score"] > 4.0 and single["inception_score"] < 1.2
 
@@ -281,3 +289,32 @@ def test_evaluate_rejects_samples_of_the_wrong_shape(trained):
     reference = real_reference(net, x_test[:100], y_test[:100])
     with pytest.raises(ValueError, match="expected"):
         evaluate(lambda n: torch.zeros(n, 1, 32, 32), net, reference, n=10)
+
+
+def few_per_class(images: np.ndarray, labels: np.ndarray, count: int) -> ClassReplaySampler:
+    chosen = np.concatenate([np.flatnonzero(labels == k)[:count] for k in range(NUM_CLASSES)])
+    return ClassReplaySampler(images[chosen], labels[chosen])
+
+
+def test_replaying_a_few_images_per_class_fools_fid_and_accuracy_not_recall(trained, yardstick):
+    net, _, (x_train, y_train), (x_test, y_test) = trained
+    reference = real_reference(net, x_test, y_test)
+    scores = evaluate(few_per_class(x_train, y_train, 5), net, reference, n=500, conditional=True)
+    floor, noise, single = yardstick["real_vs_real"], yardstick["noise"], yardstick["single_class"]
+    assert scores["fid"] < 0.02 * min(noise["fid"], single["fid"]) and scores["cond_accuracy"] > 0.97
+    assert scores["precision"] > 0.9 and scores["precision_within_class"] > 0.9
+    # Each sample is one of 50 images repeated 10 times: its k-NN ball is a point.
+    assert scores["recall"] < 0.02 and scores["recall_within_class"] < 0.02
+    assert scores["coverage"] < 0.5 * floor["coverage"] and scores["coverage_within_class"] < 0.5 * floor["coverage"]
+
+
+def test_other_real_images_score_the_real_vs_real_figures(trained, yardstick):
+    """A third real split, asked for by class, stands for a perfect generator: it lands on the floor."""
+    net, _, _, (x_test, y_test) = trained
+    x_other, y_other = blob_images(1000, seed=3)
+    reference = real_reference(net, x_test, y_test)
+    scores = evaluate(ClassReplaySampler(x_other, y_other), net, reference, n=500, conditional=True)
+    floor = yardstick["real_vs_real"]
+    for key in ("precision", "recall", "density", "coverage"):
+        assert scores[key] == pytest.approx(floor[key], abs=0.1), key
+        assert scores[f"{key}_within_class"] == pytest.approx(floor[f"{key}_within_class"], abs=0.1), key
