@@ -28,7 +28,8 @@ under ``--deadline-s``, counted from this script's first line or from ``--starte
 so that unpacking counts). A section is cut at its budget: a subprocess by its timeout (its process group
 killed), this process's own work by an alarm. Sections run in order of value: the train stage, the engine
 beside it, the sweep at 1 and at the default trials per GPU, the data-parallel graph, the export; then the
-other sweeps and the comparison run if time is left.
+other sweeps and the comparison run if time is left. Pictures (the exported generator's grid; a conditional
+``--compare``'s per-class grid) land beside the JSON.
 """
 
 from __future__ import annotations
