@@ -78,7 +78,8 @@ class CapturedIteration:
         The same iteration runs eagerly first; then the state is rolled back and the
         graph replays it. Their losses must agree within fp32 (or bf16) tolerance. A
         capture or replay that raises, or a graph that computes something else, is
-        warned about once; the state is rolled back and training goes on eagerly.
+        warned about once; the state is rolled back and training goes on eagerly. Running out of
+        memory is raised, not hidden: eager mode would only hide a trial too big for its share.
         With data parallelism every rank takes the same decision (``_agree``): a graph
         holds all-reduces, so one rank replaying while another runs eagerly would hang.
         """
@@ -93,6 +94,8 @@ class CapturedIteration:
             self.static_labels = None if labels is None else torch.stack(labels)
             buffers = (self.static_reals,) if labels is None else (self.static_reals, self.static_labels)
             self.replay = self.capture(*buffers)
+        except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError too: the same class
+            raise  # not the graph's fault: a trial past its memory share must fail as out of memory
         except Exception as err:  # noqa: BLE001 - whatever breaks the graph, eager mode still trains
             problem = f"capture raised {type(err).__name__}: {err}"
         problem = self._agree(problem)  # replay is collective: only where every rank captured
@@ -100,6 +103,8 @@ class CapturedIteration:
             try:
                 metrics = self.replay()
                 problem = self.mismatch(expected, metrics[trainer.loss_indices])
+            except torch.OutOfMemoryError:
+                raise
             except Exception as err:  # noqa: BLE001
                 problem = f"first replay raised {type(err).__name__}: {err}"
             problem = self._agree(problem)

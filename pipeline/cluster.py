@@ -62,6 +62,12 @@ def connect(cfg: Config) -> None:
         return
     address = cfg.ray.address
     if address is None:
+        try:
+            import ray.dashboard.optional_deps  # noqa: F401 - what the dashboard imports
+        except ImportError as err:  # include_dashboard=True would fail outright: run without it
+            print(f"ray: no dashboard ({err}); Ray starts without it", flush=True)
+            ray.init(address="local", logging_level="warning", include_dashboard=False)
+            return
         # Ray Train's placement-group cleaner finds its cluster through the State API. With another Ray
         # instance on this machine its auto-detection fails, a stopped trial's worker group is never
         # removed, and the next trial waits for its CPUs forever: name this cluster's dashboard for

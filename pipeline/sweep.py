@@ -57,7 +57,11 @@ class TuneSession:
     rank, world = 0, 1
 
     def __init__(self, use_gpu: bool):
-        self.device = torch.device("cuda" if use_gpu else "cpu")
+        # Ray shows the trial its GPU alone (CUDA_VISIBLE_DEVICES), so it is device 0; torch's memory
+        # functions (the trial's share, its peak) refuse a CUDA device without an index.
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)  # a reused trial process reports this trial's own peak
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
@@ -159,6 +163,8 @@ def results_table(results, cfg: Config, children: dict[str, str], epochs_trained
             value = metrics.get(key, math.nan)
             row[key] = value if row["status"] not in ("diverged", "failed") else math.nan
         run_id = children.get(trial_id, "")
+        # How the trial trained: in a CUDA graph or eagerly (and why), and its own peak GPU memory (null on a CPU).
+        row.update({key: metrics.get(key) for key in ("cuda_graph", "graph_fallback_reason", "peak_memory_gib")})
         row.update(epochs_run=max(metrics.get("epoch", 0), epochs_trained.get(run_id, 0)),
                    wall_seconds=round(metrics.get("time_total_s", math.nan), 2),
                    mlflow_run_id=run_id, error=gpu_share.reason(result.error)[:300] if result.error else "",

@@ -182,7 +182,7 @@ def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer
         finally:
             if bar:
                 bar.close()
-        metrics = {"epoch": epoch, "step": trainer.step, "status": status}
+        metrics = {"epoch": epoch, "step": trainer.step, "status": status, **_device_report(trainer)}
         if status == "diverged":
             metrics.update(loop_config.get("diverged_metrics", {}))  # e.g. fid=inf, so schedulers rank it last
         else:
@@ -204,8 +204,7 @@ def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer
                 if logger:
                     history.save(folder)
                     logger.write_outputs(trainer, folder, {**metrics, "reason": reason, "timings": timings,
-                                                           "wall_seconds": time.perf_counter() - started,
-                                                           **_device_report(trainer)})
+                                                           "wall_seconds": time.perf_counter() - started})
                 session.report(metrics, folder)
         else:
             session.report(metrics)
