@@ -140,7 +140,8 @@ def tool_env() -> dict[str, str]:
 # With two pytest-xdist workers (`make test PYTEST_ARGS="-n 2 --dist loadgroup"`) a group runs on one worker, so
 # a module's shared fixtures are built once: each module is a group, and the tests that read the swept repository
 # form one more. The slowest groups are handed out first, so neither worker is left with a long tail.
-SLOW_GROUPS_FIRST = ["test_cluster", "test_train_stage", "swept", "test_spool", "test_user_view", "test_sweep",
+SLOW_GROUPS_FIRST = ["test_cluster", "test_train_stage", "swept", "test_spool", "test_gpu_pipeline", "test_user_view",
+                     "test_sweep", "test_fetch_preprocess",
                      "test_conditional_pipeline", "test_ddp"]
 
 

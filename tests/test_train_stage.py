@@ -34,8 +34,9 @@ def small_params(mirror_url: str, **train) -> dict:
 
 
 def only_run(client, dataset="mnist"):
+    """The one run of the train stage (a sweep's runs share its experiment)."""
     experiment = client.get_experiment_by_name(f"ganpipe-{dataset}")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`dvc.stage` = 'train@{dataset}'")
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return runs[0]
 
