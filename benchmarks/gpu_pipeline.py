@@ -139,9 +139,9 @@ def engine_alone(repo: Path, device: torch.device, epochs: int) -> dict:
     from gan.engine import EngineConfig, GANTrainer
     from gan.metrics import evaluate
     from pipeline.config import load_config
-    from pipeline.evaluator import load_reference
-    from pipeline.preprocess import load_processed
-    from pipeline.train import build_generator_and_discriminator
+    from pipeline.artifacts import load_reference
+    from pipeline.artifacts import load_processed
+    from pipeline.modeling import build_generator_and_discriminator
 
     cfg = load_config(repo / "params.yaml")
     arrays = load_processed("mnist", repo)
@@ -190,8 +190,8 @@ def dp_graph(repo: Path, device: torch.device, iterations: int) -> dict:
     from gan.engine import EngineConfig, GANTrainer
     from gan.parallel import GradientAllReduce
     from pipeline.config import load_config
-    from pipeline.preprocess import load_processed
-    from pipeline.train import build_generator_and_discriminator
+    from pipeline.artifacts import load_processed
+    from pipeline.modeling import build_generator_and_discriminator
 
     os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
     with socket.socket() as probe:

@@ -48,8 +48,8 @@ def engine_alone(repo: Path, epochs: int) -> float:
     from gan.metrics import evaluate
     from pipeline.cluster import load_reference
     from pipeline.config import load_config
-    from pipeline.preprocess import load_processed
-    from pipeline.train import build_generator_and_discriminator
+    from pipeline.artifacts import load_processed
+    from pipeline.modeling import build_generator_and_discriminator
 
     torch.set_num_threads(1)
     cfg = load_config(repo / "params.yaml")

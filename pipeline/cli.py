@@ -83,7 +83,7 @@ def _sync(args: argparse.Namespace) -> None:
 
     from pipeline.spool import TrackerError, deliver_all, spool_root
     from pipeline.tracking import tracking_uri
-    from pipeline.train import storage_path
+    from pipeline.loop import storage_path
 
     cfg, root = load_config(args.params), Path(".").resolve()
     folder = Path(args.spool) if args.spool else spool_root(storage_path(cfg, root))

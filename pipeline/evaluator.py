@@ -16,40 +16,19 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from gan.data import DATASETS
-from gan.metrics import load_evaluator, real_reference, reference_scores, save_evaluator, train_evaluator
+from gan.metrics import reference_scores, save_evaluator, train_evaluator
 from pipeline import tracking
 from pipeline.config import Config
-from pipeline.preprocess import load_processed
+from pipeline.modeling import pick_device
+from pipeline.artifacts import evaluator_paths, load_processed
 
 # Samples per side when computing the floor and ceilings.
 REFERENCE_SAMPLES = 10_000
-
-
-def evaluator_paths(dataset: str, root: Path = Path(".")) -> dict[str, Path]:
-    return {"model": root / "models" / "evaluator" / f"{dataset}.pt",
-            "yardstick": root / "metrics" / "evaluator" / f"{dataset}.json",
-            "metrics": root / "metrics" / dataset / "evaluator.json"}
-
-
-def pick_device(use_gpu: bool | str = "auto") -> torch.device:
-    return torch.device("cuda" if use_gpu is not False and torch.cuda.is_available() else "cpu")
-
-
-def load_reference(dataset: str, root: Path, device: torch.device, arrays: dict[str, np.ndarray] | None = None):
-    """(evaluator, real reference) for per-epoch quality evaluation of ``dataset`` (``arrays``: its loaded npz)."""
-    arrays = load_processed(dataset, root) if arrays is None else arrays
-    path = evaluator_paths(dataset, root)["model"]
-    if DATASETS[dataset].kind == "toy":
-        return None, torch.from_numpy(arrays["x_test"]).to(device)
-    evaluator = load_evaluator(path, device)
-    return evaluator, real_reference(evaluator, torch.from_numpy(arrays["x_test"]),
-                                     torch.from_numpy(arrays["y_test"]), device)
 
 
 def run(cfg: Config, dataset: str) -> dict:

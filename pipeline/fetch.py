@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from gan.data import DATASETS, DatasetSpec
+from pipeline.artifacts import raw_dir
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ CHUNK = 1 << 16
 
 class FetchError(RuntimeError):
     """Every mirror failed for a file; the message lists each mirror with its error."""
-
-
-def raw_dir(dataset: str) -> Path:
-    return Path("data") / "raw" / dataset
 
 
 def _open_source(mirror: str, name: str, timeout: float) -> tuple[BinaryIO, int | None]:

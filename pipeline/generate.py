@@ -27,7 +27,8 @@ from gan.sampling import RECORD_FORMAT, draw_noise
 from gan.metrics import evaluate
 from pipeline import tracking
 from pipeline.config import Config, ModelConfig
-from pipeline.evaluator import evaluator_paths, load_reference, pick_device
+from pipeline.artifacts import evaluator_paths, load_reference
+from pipeline.modeling import build_generator_and_discriminator, pick_device
 from pipeline.spool_records import use_short_http_retries
 
 
@@ -100,8 +101,6 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
     What it samples with (model size, noise kind, conditioning) comes from the file or the run, never from today's
     params.yaml.
     """
-    from pipeline.train import build_generator_and_discriminator
-
     classes = len(DATASETS[dataset].classes)
     if mlflow_run:
         model, params = _logged_generator(cfg, mlflow_run, device)
@@ -201,9 +200,3 @@ def evaluate_command(cfg: Config, dataset: str, *, checkpoint: str | None, mlflo
     return table
 
 
-def model_example(generator: torch.nn.Module, latent_dim: int, n: int = 4) -> dict[str, torch.Tensor]:
-    """Named example inputs of a generator as MLflow logs it: {"z"}, or {"z", "label"} for a conditional one."""
-    example = {"z": torch.randn(n, latent_dim)}
-    if getattr(generator, "num_classes", 0):
-        example["label"] = torch.arange(n) % generator.num_classes
-    return example

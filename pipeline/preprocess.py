@@ -8,7 +8,6 @@ real samples, the reference picture the train stage logs next to its own.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,22 +15,11 @@ import torch
 from gan.data import DATASETS, GAUSSIAN1D_MEAN, GAUSSIAN1D_STD, idx_file_name, load_idx_split, to_unit_range
 from gan.images import density_plot, image_grid, save_png
 from pipeline.config import Config
-from pipeline.fetch import raw_dir
+from pipeline.artifacts import processed_paths, raw_dir
 
 # The toy set's size: as large as MNIST's splits, cheap to sample.
 TOY_TRAIN, TOY_TEST = 60_000, 10_000
 GRID_IMAGES = 64
-
-
-def processed_paths(dataset: str) -> dict[str, Path]:
-    base = Path("data") / "processed" / dataset
-    return {"npz": base.with_suffix(".npz"), "json": base.with_suffix(".json"),
-            "png": base.parent / f"{dataset}_real.png"}
-
-
-def load_processed(dataset: str, root: Path = Path(".")) -> dict[str, np.ndarray]:
-    with np.load(root / processed_paths(dataset)["npz"]) as arrays:
-        return {key: arrays[key] for key in arrays.files}
 
 
 def _idx_arrays(dataset: str) -> dict[str, np.ndarray]:

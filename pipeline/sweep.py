@@ -25,12 +25,12 @@ import yaml
 
 from pipeline import cluster, gpu_share, resume, spool, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, sweep_param, validate
-from pipeline.preprocess import load_processed, processed_paths
+from pipeline.artifacts import load_processed, processed_paths
 from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.sweep_figures import best_vs_worst, metric_figure
 from pipeline.search import (fail_lost_trials, label_searched_by, optuna_trials, scheduler, search_algorithm,
                              search_space)
-from pipeline.train import fit, make_loop_config, storage_path, train_loop
+from pipeline.loop import fit, make_loop_config, storage_path, train_loop
 
 OUT = Path("sweep")
 SUMMARY_METRICS = ("fid", "kid", "class_coverage")

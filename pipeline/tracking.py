@@ -24,6 +24,7 @@ from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, flatten
+from pipeline.modeling import model_example
 
 TAG_STATUS = "ganpipe.status"            # completed | stopped_early | diverged | failed
 TAG_FAILURE = "ganpipe.failure_reason"
@@ -223,8 +224,6 @@ def log_generator(client, run_id: str, generator, latent_dim: int, registered_na
 
     import torch
     from mlflow.models import infer_signature
-
-    from pipeline.generate import model_example
 
     example = model_example(generator, latent_dim)
     inputs = {name: value.numpy() for name, value in example.items()}

@@ -18,7 +18,7 @@ from gan.sampling import RECORD_FORMAT
 from helpers import shipped_params
 from pipeline import cli
 from pipeline.config import ModelConfig, apply_overrides, load_config
-from pipeline.train import build_generator_and_discriminator
+from pipeline.modeling import build_generator_and_discriminator
 
 
 def small_generator_record(**model) -> dict:

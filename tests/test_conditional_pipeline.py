@@ -75,7 +75,7 @@ def test_registered_model_takes_z_and_label_and_draws_the_chosen_class(condition
 
     # The same weights from the DVC output agree with the registered model, class by class.
     from pipeline.config import ModelConfig
-    from pipeline.train import build_generator_and_discriminator
+    from pipeline.modeling import build_generator_and_discriminator
 
     state = torch.load(conditional_repo / "models/mnist/generator.pt", weights_only=True)
     generator, _ = build_generator_and_discriminator(ModelConfig(**state["model"]), "mnist")
@@ -102,7 +102,7 @@ def save_generator(path, **model) -> None:
     """A generator record as training writes it, of a small MLP with ``model`` set over the shipped model section."""
     from gan.sampling import RECORD_FORMAT
     from pipeline.config import ModelConfig
-    from pipeline.train import build_generator_and_discriminator
+    from pipeline.modeling import build_generator_and_discriminator
 
     settings = ModelConfig(**{**shipped_params()["model"], "name": "mlp", "hidden": [16], "latent_dim": 8, **model})
     generator, _ = build_generator_and_discriminator(settings, "mnist")

@@ -17,7 +17,7 @@ from torch.cuda._utils import _get_device_index
 from gan.graph import CapturedIteration
 from pipeline import gpu_share
 from pipeline.sweep import TuneSession, results_table
-from pipeline.train import _device_report
+from pipeline.loop import _device_report
 from test_gpu_sharing import sweep_cfg
 from test_graph_fallback import batches, make_trainer
 

@@ -13,7 +13,6 @@ import sys
 import tarfile
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +109,7 @@ def test_work_in_this_process_is_cut_at_its_budget_by_an_alarm(plan):
 def test_the_data_parallel_section_drops_its_graph_before_the_process_group_even_after_an_error(
         tmp_path, monkeypatch):
     from gan.engine import GANTrainer
-    from pipeline import preprocess
+    from pipeline import artifacts
 
     events = []
 
@@ -121,7 +120,7 @@ def test_the_data_parallel_section_drops_its_graph_before_the_process_group_even
     destroy = dist.destroy_process_group
     monkeypatch.setattr(GANTrainer, "train_epoch", failing_epoch)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: (events.append("destroy"), destroy()))
-    monkeypatch.setattr(preprocess, "load_processed", lambda dataset, root: {
+    monkeypatch.setattr(artifacts, "load_processed", lambda dataset, root: {
         "x_train": np.zeros((64, 1, 28, 28), np.uint8), "y_train": np.arange(64) % 10})
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path)
     with pytest.raises(RuntimeError, match="after the capture"):

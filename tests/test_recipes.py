@@ -15,7 +15,7 @@ from gan.models import build_models
 from pipeline import cli
 from pipeline.config import ConfigError, load_config
 from pipeline.presets import available, preset_overrides
-from pipeline.train import build_generator_and_discriminator
+from pipeline.modeling import build_generator_and_discriminator
 from helpers import engine_config
 
 PRESETS = ["dcgan-smooth", "keras-upsample", "mlp-5-50", "pytorch-examples", "vanilla-mlp", "wgan-clip"]

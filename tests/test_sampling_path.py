@@ -15,7 +15,7 @@ from gan.engine import EngineConfig, GANTrainer
 from gan.sampling import draw_noise
 from pipeline.config import load_config
 from pipeline.generate import SampleError, load_sampler
-from pipeline.train import build_generator_and_discriminator
+from pipeline.modeling import build_generator_and_discriminator
 
 PARAMS = REPO_ROOT / "params.yaml"
 TRAINED = {"model.name": "mlp", "model.hidden": [32], "model.latent_dim": 8, "model.label_embedding": 4,
