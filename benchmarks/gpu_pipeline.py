@@ -139,7 +139,7 @@ def engine_alone(repo: Path, device: torch.device, epochs: int) -> dict:
     from gan.engine import EngineConfig, GANTrainer
     from gan.metrics import evaluate
     from pipeline.config import load_config
-    from pipeline.artifacts import load_reference
+    from pipeline.yardstick import load_reference
     from pipeline.artifacts import load_processed
     from pipeline.modeling import build_generator_and_discriminator
 

@@ -37,7 +37,7 @@ from gan.data import DeviceBatches, load_idx_split  # noqa: E402
 from gan.engine import EngineConfig, GANTrainer  # noqa: E402
 from gan.metrics import evaluate  # noqa: E402
 from pipeline.config import validate  # noqa: E402
-from pipeline.artifacts import load_reference  # noqa: E402
+from pipeline.yardstick import load_reference  # noqa: E402
 from pipeline.modeling import build_generator_and_discriminator  # noqa: E402
 
 

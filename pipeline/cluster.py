@@ -27,7 +27,7 @@ import torch
 
 from gan.data import DATASETS, shard
 from pipeline.config import Config, ConfigError
-from pipeline.artifacts import load_reference
+from pipeline.yardstick import load_reference
 from pipeline.tracking import probe_tracking_server, tracking_credentials
 
 CONNECT_TIMEOUT_S = 60

@@ -27,7 +27,8 @@ from gan.sampling import RECORD_FORMAT, draw_noise
 from gan.metrics import evaluate
 from pipeline import tracking
 from pipeline.config import Config, ModelConfig
-from pipeline.artifacts import evaluator_paths, load_reference
+from pipeline.artifacts import evaluator_paths
+from pipeline.yardstick import load_reference
 from pipeline.modeling import build_generator_and_discriminator, pick_device
 from pipeline.spool_records import use_short_http_retries
 
