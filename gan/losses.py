@@ -58,7 +58,7 @@ LOSSES: dict[str, GANLoss] = {
     "minimax": GANLoss(bce_d_loss, minimax_g_loss),
     "ns": GANLoss(bce_d_loss, non_saturating_g_loss),
     "wgan": GANLoss(wasserstein_d_loss, wasserstein_g_loss),  # with clip_weights after each D step
-    "wgan_gp": GANLoss(wasserstein_d_loss, wasserstein_g_loss),  # plus gradient_penalty
+    "wgan_gp": GANLoss(wasserstein_d_loss, wasserstein_g_loss),  # plus penalty_at
     "hinge": GANLoss(hinge_d_loss, wasserstein_g_loss),
 }
 
@@ -77,17 +77,6 @@ def penalty_at(points: Tensor, logits: Tensor) -> Tensor:
     """
     (grads,) = torch.autograd.grad(logits.sum(), points, create_graph=True)
     return (grads.flatten(1).float().norm(dim=1) - 1.0).square().mean()
-
-
-def gradient_penalty(discriminator: nn.Module, real: Tensor, fake: Tensor,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """The WGAN-GP penalty of ``discriminator`` between ``real`` and ``fake``.
-
-    The engine does not call this: it evaluates D once on cat([real, fake, points])
-    (one forward per backward, for DDP and BatchNorm) and uses ``penalty_at``.
-    """
-    points = interpolate(real, fake.detach(), generator)
-    return penalty_at(points, discriminator(points))
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ def draw_noise(n: int, latent_dim: int, kind: str, generator: torch.Generator,
 
 
 class Sampling:
-    """noise / fake_labels / sample / generate of a ``GANTrainer``."""
+    """noise / fake_labels / sample of a ``GANTrainer``."""
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n latent vectors: N(0, 1), or U[-1, 1] for ``noise="uniform"``."""
@@ -64,10 +64,6 @@ class Sampling:
             return generator(noise.to(self.device), *label_args(None if labels is None else labels.to(self.device)))
         finally:
             generator.train(was_training)
-
-    def generate(self, n: int, batch_size: int = 1000) -> Tensor:
-        """n samples on the trainer's device, drawn ``batch_size`` at a time."""
-        return torch.cat([self.sample(min(batch_size, n - start)) for start in range(0, n, batch_size)])
 
     def sampling_settings(self, model: dict, dataset: str) -> dict:
         """What sampling this trainer's G needs besides its weights (``model``: the settings it was built with)."""

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import torch
 
-from gan.data import DATASETS, GAUSSIAN1D_MEAN, GAUSSIAN1D_STD, idx_file_name, load_idx_split, to_unit_range
+from gan.data import DATASETS, idx_file_name, load_idx_split, sample_gaussian1d, to_unit_range
 from gan.images import density_plot, image_grid, save_png
 from pipeline.config import Config
 from pipeline.artifacts import processed_paths, raw_dir
@@ -30,8 +30,8 @@ def _idx_arrays(dataset: str) -> dict[str, np.ndarray]:
 
 
 def _toy_arrays(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    sample = lambda n: rng.normal(GAUSSIAN1D_MEAN, GAUSSIAN1D_STD, size=(n, 1)).astype(np.float32)
+    generator = torch.Generator().manual_seed(seed)
+    sample = lambda n: sample_gaussian1d(n, generator).numpy()
     return {"x_train": sample(TOY_TRAIN), "y_train": np.zeros(TOY_TRAIN, np.int64),
             "x_test": sample(TOY_TEST), "y_test": np.zeros(TOY_TEST, np.int64)}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from conftest import VENV_BIN, end_process_tree, tool_env, wait_until
+from helpers import VENV_BIN, end_process_tree, tool_env, wait_until
 
 
 def free_port() -> int:

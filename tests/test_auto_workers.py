@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from conftest import project_params
+from helpers import project_params
 from pipeline import cluster
 from pipeline.cluster import Node
 from pipeline.config import validate

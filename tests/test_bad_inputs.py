@@ -13,9 +13,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT, shipped_params
 from gan.sampling import RECORD_FORMAT
-from helpers import shipped_params
 from pipeline import cli
 from pipeline.config import ModelConfig, apply_overrides, load_config
 from pipeline.modeling import build_generator_and_discriminator

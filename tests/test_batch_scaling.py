@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import project_params
+from helpers import project_params
 from pipeline import cluster
 from pipeline.cluster import ClusterError
 from pipeline.config import ConfigError, validate

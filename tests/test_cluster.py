@@ -31,7 +31,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from conftest import (VENV_BIN, end_process_tree, make_dvc_repo, project_params, read_until, serve_mirror,
+from helpers import (VENV_BIN, end_process_tree, make_dvc_repo, project_params, read_until, serve_mirror,
                       tool_env, wait_until, write_params)
 
 pytestmark = pytest.mark.integration

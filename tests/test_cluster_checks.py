@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import project_params
+from helpers import project_params
 from pipeline import cluster
 from pipeline.cluster import ClusterError, Node
 from pipeline.config import validate

@@ -13,13 +13,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import synthetic_split
+from helpers import engine_config, synthetic_split
 from gan.conditioning import AuxiliaryClassifierDiscriminator, ConditionalBatchNorm2d, ProjectionDiscriminator
 from gan.data import DeviceBatches, shard
 from gan.engine import METRICS, GANTrainer
 from gan.graph import CapturedIteration
 from gan.models import build_models
-from helpers import engine_config
 
 IMAGE = (1, 28, 28)
 SMALL = dict(latent_dim=16, hidden=(32, 64), channels=8, label_embedding=64)

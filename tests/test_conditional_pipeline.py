@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, copy_repo, project_params, repo_mlflow_client, run_cmd
-from helpers import shipped_params
+from helpers import REPO_ROOT, copy_repo, project_params, repo_mlflow_client, run_cmd, shipped_params
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import typing
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from pipeline.config import (
     ConfigError, DatasetName, LossName, ModelName, apply_overrides, flatten, load_config, read_params, validate,
 )

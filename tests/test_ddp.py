@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import synthetic_split
+from helpers import engine_config, synthetic_split
 from gan.data import shard, to_unit_range
 from gan.engine import GANTrainer
 from gan.models import build_models
 from gan.parallel import GradientAllReduce
-from helpers import engine_config
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from pipeline.cli import build_parser
 from pipeline.config import ConfigError, apply_overrides, load_config, read_params, validate
 from pipeline.presets import apply_preset

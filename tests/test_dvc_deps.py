@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, make_dvc_repo, project_params, run_cmd
+from helpers import REPO_ROOT, make_dvc_repo, project_params, run_cmd
 
 PACKAGES = ("gan", "pipeline")
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import idx_bytes, make_dvc_repo, md5, project_params, run_cmd, synthetic_split
+from helpers import idx_bytes, make_dvc_repo, md5, project_params, run_cmd, synthetic_split
 from gan.data import DatasetSpec, IDXError, load_idx_split, read_idx
 from pipeline.fetch import FetchError, fetch_dataset, fetch_file
 

@@ -12,11 +12,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import class_patterns, synthetic_split
+from helpers import class_patterns, engine_config, shipped_params, synthetic_split
 from gan.data import DeviceBatches, sample_gaussian1d, to_unit_range
 from gan.engine import METRICS, DivergedError, EngineConfig, GANTrainer
 from gan.models import build_models
-from helpers import engine_config, shipped_params
 
 IMAGE = (1, 28, 28)
 SMALL = dict(latent_dim=16, hidden=(32, 64), channels=8)
@@ -179,12 +178,12 @@ def test_toy1d_learns_the_gaussian():
     generator, discriminator = build_models("toy1d", (1,), latent_dim=4, hidden=(32, 32))
     trainer = GANTrainer(generator, discriminator, engine_config(lr_g=1e-3, lr_d=1e-3, log_every=500),
                          device="cpu", seed=0)
-    assert abs(trainer.generate(2000).mean().item() - 4.0) > 1.0  # far off before training
+    assert abs(trainer.sample(2000).mean().item() - 4.0) > 1.0  # far off before training
 
     data = sample_gaussian1d(1000 * 128, torch.Generator().manual_seed(0))
     trainer.train_epoch(DeviceBatches(data, 128, seed=0))
 
-    samples = trainer.generate(5000)
+    samples = trainer.sample(5000)
     assert abs(samples.mean().item() - 4.0) < 0.3
     assert abs(samples.std().item() - 0.5) < 0.25
 
@@ -277,7 +276,6 @@ def test_sample_runs_in_eval_mode_and_restores_train_mode():
     trainer.g_module.eval()
     with torch.no_grad():
         assert torch.equal(samples, trainer.g_module(trainer.fixed_noise))
-    assert trainer.generate(2500, batch_size=1000).shape == (2500, *IMAGE)
 
 
 def test_engine_config_holds_no_defaults_and_reads_the_train_section():

@@ -19,8 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import synthetic_idx_files, tool_env
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, synthetic_idx_files, tool_env
 from pipeline import cluster
 from pipeline.cluster import ClusterError, Node
 from pipeline.config import validate

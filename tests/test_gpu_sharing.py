@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import project_params
+from helpers import project_params
 from pipeline import cluster, gpu_share, tracking
 from pipeline.cluster import Node
 from pipeline.config import ConfigError, validate

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import project_params
+from helpers import project_params
 from pipeline import resume
 from pipeline.config import ConfigError, apply_overrides, validate
 

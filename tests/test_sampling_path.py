@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, run_cmd
+from helpers import REPO_ROOT, run_cmd
 from gan.conditioning import class_rows
 from gan.data import DeviceBatches
 from gan.engine import EngineConfig, GANTrainer

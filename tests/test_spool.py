@@ -15,7 +15,7 @@ import pytest
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from conftest import (UNUSED_MIRROR, copy_repo, end_process_tree, image_steps, read_until, run_cmd, sweep_params,
+from helpers import (UNUSED_MIRROR, copy_repo, end_process_tree, image_steps, read_until, run_cmd, sweep_params,
                       tool_env)
 from mlflow_server import MlflowServer
 from pipeline import resume, spool, tracking

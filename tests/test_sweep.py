@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import (HUGE_LR, UNUSED_MIRROR, copy_repo, end_process_tree, project_params, run_cmd, sweep_params,
+from helpers import (HUGE_LR, UNUSED_MIRROR, copy_repo, end_process_tree, project_params, run_cmd, sweep_params,
                       tool_env, wait_until)
 from pipeline.config import ConfigError, apply_overrides, validate
 from pipeline.search import fail_lost_trials, pbt_mutations, search_space

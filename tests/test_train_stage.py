@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import (FIXTURE_EVALUATOR, UNUSED_MIRROR, copy_repo, end_process_tree, image_steps, make_dvc_repo,
+from helpers import (FIXTURE_EVALUATOR, UNUSED_MIRROR, copy_repo, end_process_tree, image_steps, make_dvc_repo,
                       project_params, read_until, repo_mlflow_client, run_cmd, tool_env, write_params)
 
 pytestmark = pytest.mark.integration

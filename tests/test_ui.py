@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, tool_env
+from helpers import REPO_ROOT, tool_env
 from pipeline.tracking import TRAINING_VIEW
 
 pytestmark = pytest.mark.integration

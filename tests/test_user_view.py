@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import UNUSED_MIRROR, copy_repo, project_params, run_cmd, tool_env
+from helpers import UNUSED_MIRROR, copy_repo, project_params, run_cmd, tool_env
 from pipeline import tracking
 
 BAR = "%|"  # tqdm's "100%|███|": a progress bar was drawn
