@@ -16,7 +16,7 @@ import torch
 from gan.data import DATASETS, GAUSSIAN1D_MEAN, GAUSSIAN1D_STD, idx_file_name, load_idx_split, to_unit_range
 from gan.images import density_plot, image_grid, save_png
 from pipeline.config import Config
-from pipeline.fetch import raw_dir
+from pipeline.fetch import raw_dir, writable_folder
 
 # The toy set's size: as large as MNIST's splits, cheap to sample.
 TOY_TRAIN, TOY_TEST = 60_000, 10_000
@@ -30,15 +30,19 @@ def processed_paths(dataset: str) -> dict[str, Path]:
 
 
 def load_processed(dataset: str, root: Path = Path(".")) -> dict[str, np.ndarray]:
-    with np.load(root / processed_paths(dataset)["npz"]) as arrays:
+    path = root / processed_paths(dataset)["npz"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no processed data for {dataset}: run `dvc repro preprocess@{dataset}`")
+    with np.load(path) as arrays:
         return {key: arrays[key] for key in arrays.files}
 
 
 def _idx_arrays(dataset: str) -> dict[str, np.ndarray]:
-    folder = raw_dir(dataset)
-    x_train, y_train = load_idx_split(folder / idx_file_name("train_images"), folder / idx_file_name("train_labels"))
-    x_test, y_test = load_idx_split(folder / idx_file_name("test_images"), folder / idx_file_name("test_labels"))
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    folder, arrays = raw_dir(dataset), {}
+    for split in ("train", "test"):
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = load_idx_split(
+            folder / idx_file_name(f"{split}_images"), folder / idx_file_name(f"{split}_labels"), DATASETS[dataset])
+    return arrays
 
 
 def _toy_arrays(seed: int) -> dict[str, np.ndarray]:
@@ -63,13 +67,12 @@ def summarize(arrays: dict[str, np.ndarray], num_classes: int) -> dict:
 
 
 def run(cfg: Config, dataset: str) -> dict:
-    spec = DATASETS[dataset]
+    spec, paths = DATASETS[dataset], processed_paths(dataset)
+    writable_folder(paths["npz"].parent)  # before the parsing, which takes a while
     arrays = _idx_arrays(dataset) if spec.kind == "idx" else _toy_arrays(cfg.train.seed)
     if cfg.data.train_images:  # the test split stays whole: the quality floor is measured on it
         first = slice(cfg.data.train_images)
         arrays.update(x_train=arrays["x_train"][first], y_train=arrays["y_train"][first])
-    paths = processed_paths(dataset)
-    paths["npz"].parent.mkdir(parents=True, exist_ok=True)
     np.savez(paths["npz"], **arrays)
     summary = {"dataset": dataset, "shape": list(spec.shape), "classes": list(spec.classes),
                **summarize(arrays, max(len(spec.classes), 1))}
