@@ -47,8 +47,11 @@ def writable_folder(folder: Path) -> Path:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise NotWritableError(f"{folder}: cannot write there ({err.strerror or err}): it and every folder above "
-                               "it must be writable folders, not files") from None
+        in_the_way = next((path for path in [*reversed(folder.parents), folder] if path.is_file()), None)
+        if in_the_way is not None:
+            raise NotWritableError(f"{folder}: cannot write there: {in_the_way} is a file, not a folder; "
+                                   "move it away") from None
+        raise NotWritableError(f"{folder}: cannot write there ({err.strerror or err}): make it writable") from None
     return folder
 
 

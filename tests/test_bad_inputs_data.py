@@ -51,13 +51,12 @@ def metric_record(run_id: str, key: str, step: int) -> bytes:
                        "metrics": [[key, float(step), 1_000 + step, step]]}).encode()
 
 
-def bad_record(content: bytes, why: str):
+def bad_record(content: bytes, why: str, says: str = "spool/w/00000002.json cannot be delivered"):
     """A spool whose middle record is ``content``: it is quarantined and named, the records around it delivered."""
     def row(tmp_path: Path, store, key: str):
         uri, run_id = store
         write_records(tmp_path / "spool" / "w", [metric_record(run_id, key, 1), content, metric_record(run_id, key, 3)])
-        return (["sync", "spool"], ["spool/w/00000002.json cannot be delivered", why,
-                                    "moved to spool/quarantine/w-00000002.json", "2 other record(s) delivered"],
+        return (["sync", "spool"], [says, why, "moved to spool/quarantine/w-00000002.json", "2 other record(s) delivered"],
                 {"spool/w/.lock", "spool/quarantine/w-00000002.json"})
     return row
 
@@ -98,7 +97,7 @@ def data_is_a_file(command: str, folder: str):
     permission bits mean nothing, meets as a read-only folder's PermissionError."""
     def row(tmp_path: Path, store, key: str):
         (tmp_path / "data").write_text("not a folder")
-        return [command, "--dataset", "mnist"], [f"{folder}: cannot write there"], {"data"}
+        return [command, "--dataset", "mnist"], [f"{folder}: cannot write there: data is a file"], {"data"}
     return row
 
 
@@ -134,6 +133,8 @@ ROWS = {
     "sync: a record that is not an object": bad_record(b"[1, 2, 3]", "a JSON list, not an object"),
     "sync: a record without its fields": bad_record(b'{"op": "terminate", "run_id": "x"}',
                                                     "a terminate record without status, end_time"),
+    "sync: a record the store refuses": bad_record(metric_record("0" * 32, "loss", 2), "retrying cannot fix this",
+                                                   "the MLflow server refused a batch call"),
     "ui: a port another program holds": busy_ui_port,
     "fetch: data/ is a file": data_is_a_file("fetch", "data/raw/mnist"),
     "fetch: a local write fails": part_file_is_a_folder,
