@@ -286,8 +286,8 @@ def deliver_all(tracking_uri: str, spool_root: str | Path, timeout_s: float = 0.
     use_short_http_retries()
     root = Path(spool_root)
     if not root.is_dir():
-        raise TrackerError(f"{root}: no such spool folder; name the one a stage printed (\"still spooled in ...\"), "
-                           "or none for the one in ray.storage_path")
+        raise TrackerError(f"{root}: no such spool folder: check the path (a stage that leaves records says "
+                           "\"still spooled in <folder>\")")
     problems: list[str] = []
     say = report or problems.append
     client = MlflowClient(tracking_uri)

@@ -201,10 +201,9 @@ def check_port_free(host: str, port: int) -> None:
     (``mlflow server`` outlives its uvicorn worker when the bind fails, so the command would never exit.)
     """
     try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind) as probe:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # uvicorn's choice
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind(address)
+            probe.bind((host, port))
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise TrackerError(f"port {port} on {host} is already in use: stop what holds it, "
