@@ -117,8 +117,10 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def load_idx_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N,H,W) uint8 and labels (N,) int64, checked against each other."""
+def load_idx_split(images_path: Path, labels_path: Path,
+                   spec: DatasetSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N,H,W) uint8 and labels (N,) int64, checked against each other and, given its ``spec``,
+    against the dataset: its image size and its classes (bad data is refused here, not inside training)."""
     images = read_idx(images_path, expect_ndim=3)
     labels = read_idx(labels_path, expect_ndim=1)
     if images.dtype != np.uint8:
@@ -127,6 +129,15 @@ def load_idx_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np
         raise IDXError(
             f"{labels_path.name}: {len(labels)} labels for {len(images)} images in {images_path.name}"
         )
+    if spec is not None:
+        size, allowed = images.shape[1:], spec.shape[1:]
+        if size != allowed:
+            raise IDXError(f"{images_path}: images are {'x'.join(map(str, size))}, "
+                           f"{spec.name} images are {'x'.join(map(str, allowed))}")
+        outside = np.flatnonzero((labels < 0) | (labels >= len(spec.classes)))
+        if len(outside):
+            raise IDXError(f"{labels_path}: label {labels[outside[0]]} at index {outside[0]} "
+                           f"({len(outside)} such) is not a {spec.name} class: labels are 0..{len(spec.classes) - 1}")
     return images, labels.astype(np.int64)
 
 

@@ -14,10 +14,11 @@ import sys
 import traceback
 
 from gan.data import DATASETS, IDXError
+from pipeline.artifacts import NotWritableError
 from pipeline.config import PARAMS_FILE, ConfigError, load_config
 from pipeline.fetch import FetchError
 
-USER_ERRORS = (ConfigError, FetchError, IDXError, FileNotFoundError)
+USER_ERRORS = (ConfigError, FetchError, IDXError, NotWritableError, FileNotFoundError)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -87,6 +88,9 @@ def _sync(args: argparse.Namespace) -> None:
 
     cfg, root = load_config(args.params), Path(".").resolve()
     folder = Path(args.spool) if args.spool else spool_root(storage_path(cfg, root))
+    if not args.spool and not folder.exists():
+        print(f"ganpipe sync: nothing spooled ({folder} does not exist)")
+        return
     uri = tracking_uri(cfg, root)
     delivered, left = deliver_all(uri, folder, args.timeout)
     print(f"ganpipe sync: {delivered} record(s) delivered to {uri} from {folder}; {left} still spooled")

@@ -32,10 +32,10 @@ REFERENCE_SAMPLES = 10_000
 
 
 def run(cfg: Config, dataset: str) -> dict:
+    arrays = load_processed(dataset)  # first: a missing input leaves no empty output folders
     paths = evaluator_paths(dataset)
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = load_processed(dataset)
     if DATASETS[dataset].kind == "toy":
         real = arrays["x_train"][:, 0]
         torch.save({"kind": "toy"}, paths["model"])

@@ -4,7 +4,8 @@ Mirrors are tried in order; each may be an http(s) URL prefix, a file:// URL or 
 local directory. Each file is retried with exponential backoff, streamed to a
 temporary name while its md5 is computed, checked against the published
 checksum, and only then renamed into place: a failed or corrupt download leaves
-nothing behind.
+nothing behind. The target folder is checked to be writable before any mirror is
+asked, and a local write error is reported as such, never blamed on a mirror.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from gan.data import DATASETS, DatasetSpec
-from pipeline.artifacts import raw_dir
+from pipeline.artifacts import NotWritableError, raw_dir, writable_folder
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
@@ -52,22 +53,36 @@ def _download_once(mirror: str, name: str, target: Path, expected_md5: str | Non
     """One attempt: stream to a temp file, verify, rename. Never leaves a partial file."""
     tmp = target.with_name(f".{target.name}.part")
     try:
+        out = tmp.open("wb")
+    except OSError as err:
+        raise _local(tmp, err) from None
+    try:
         source, size = _open_source(mirror, name, timeout)
         md5 = hashlib.md5()
-        with source, tmp.open("wb") as out, tqdm(
-            total=size, unit="B", unit_scale=True, desc=name, leave=False, disable=None
-        ) as bar:
+        with source, out, tqdm(total=size, unit="B", unit_scale=True, desc=name, leave=False, disable=None) as bar:
             while chunk := source.read(CHUNK):
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as err:  # a full disk is ours, not the mirror's
+                    raise _local(tmp, err) from None
                 md5.update(chunk)
                 bar.update(len(chunk))
         if size is not None and tmp.stat().st_size != size:
             raise OSError(f"truncated: got {tmp.stat().st_size} of {size} bytes")
         if expected_md5 is not None and md5.hexdigest() != expected_md5:
             raise ValueError(f"md5 mismatch: got {md5.hexdigest()}, expected {expected_md5}")
-        tmp.replace(target)
+        try:
+            tmp.replace(target)
+        except OSError as err:
+            raise _local(target, err) from None
     finally:
+        out.close()
         tmp.unlink(missing_ok=True)
+
+
+def _local(path: Path, err: OSError) -> NotWritableError:
+    return NotWritableError(f"{path}: cannot write ({err.strerror or err}): a problem of this folder or disk, "
+                            "not of the mirror")
 
 
 def _describe(err: Exception) -> str:
@@ -118,7 +133,7 @@ def fetch_file(
 def fetch_dataset(spec: DatasetSpec, mirrors: list[str], target_dir: Path, *,
                   verify_checksums: bool = True, retries: int = 3, timeout: float = 60.0,
                   backoff_s: float = 0.5) -> list[Path]:
-    target_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(target_dir)
     if not verify_checksums:
         log.warning("data.verify_checksums is false: %s files are not checked against "
                     "their published md5", spec.name)
@@ -131,7 +146,7 @@ def fetch_dataset(spec: DatasetSpec, mirrors: list[str], target_dir: Path, *,
 
 def run(cfg: Config, dataset: str) -> list[Path]:
     spec = DATASETS[dataset]
-    target_dir = raw_dir(dataset)
+    target_dir = writable_folder(raw_dir(dataset))
     if spec.kind != "idx":
         # Sampled by the preprocess stage; the folder records that nothing was fetched.
         shutil.rmtree(target_dir, ignore_errors=True)

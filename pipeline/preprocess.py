@@ -15,7 +15,7 @@ import torch
 from gan.data import DATASETS, idx_file_name, load_idx_split, sample_gaussian1d, to_unit_range
 from gan.images import density_plot, image_grid, save_png
 from pipeline.config import Config
-from pipeline.artifacts import processed_paths, raw_dir
+from pipeline.artifacts import processed_paths, raw_dir, writable_folder
 
 # The toy set's size: as large as MNIST's splits, cheap to sample.
 TOY_TRAIN, TOY_TEST = 60_000, 10_000
@@ -23,10 +23,11 @@ GRID_IMAGES = 64
 
 
 def _idx_arrays(dataset: str) -> dict[str, np.ndarray]:
-    folder = raw_dir(dataset)
-    x_train, y_train = load_idx_split(folder / idx_file_name("train_images"), folder / idx_file_name("train_labels"))
-    x_test, y_test = load_idx_split(folder / idx_file_name("test_images"), folder / idx_file_name("test_labels"))
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    folder, arrays = raw_dir(dataset), {}
+    for split in ("train", "test"):
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = load_idx_split(
+            folder / idx_file_name(f"{split}_images"), folder / idx_file_name(f"{split}_labels"), DATASETS[dataset])
+    return arrays
 
 
 def _toy_arrays(seed: int) -> dict[str, np.ndarray]:
@@ -51,13 +52,12 @@ def summarize(arrays: dict[str, np.ndarray], num_classes: int) -> dict:
 
 
 def run(cfg: Config, dataset: str) -> dict:
-    spec = DATASETS[dataset]
+    spec, paths = DATASETS[dataset], processed_paths(dataset)
+    writable_folder(paths["npz"].parent)  # before the parsing, which takes a while
     arrays = _idx_arrays(dataset) if spec.kind == "idx" else _toy_arrays(cfg.train.seed)
     if cfg.data.train_images:  # the test split stays whole: the quality floor is measured on it
         first = slice(cfg.data.train_images)
         arrays.update(x_train=arrays["x_train"][first], y_train=arrays["y_train"][first])
-    paths = processed_paths(dataset)
-    paths["npz"].parent.mkdir(parents=True, exist_ok=True)
     np.savez(paths["npz"], **arrays)
     summary = {"dataset": dataset, "shape": list(spec.shape), "classes": list(spec.classes),
                **summarize(arrays, max(len(spec.classes), 1))}

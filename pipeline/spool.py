@@ -10,8 +10,10 @@ server. A tracker error that retrying cannot fix (a 4xx: bad credentials, a dele
 run or experiment) fails fast instead. How records are stored and delivered exactly
 once: ``pipeline.spool_records``.
 
-Layout: ``<spool root>/<writer>/``, one writer folder per process. ``deliver_all``
-(the driver at the end, ``ganpipe sync``) delivers every writer folder under a root.
+Layout: ``<spool root>/<writer>/``, one writer folder per process, and
+``<spool root>/quarantine/`` for records that can never be delivered (moved there
+and named, never deleted). ``deliver_all`` (the driver at the end, ``ganpipe sync``)
+delivers every writer folder under a root.
 """
 
 from __future__ import annotations
@@ -195,7 +197,8 @@ def settle(client: SpooledClient, root: Path, timeout_s: float, stage: str) -> i
     """A stage's end: stop retrying in the background, then deliver every spool under ``root`` for up to
     ``timeout_s``; says in one line what is left and where. Returns the records still spooled."""
     client.close()
-    _, left = deliver_all(client.tracking_uri, root, timeout_s)
+    _, left = deliver_all(client.tracking_uri, root, timeout_s,
+                          report=lambda line: print(f"{stage}: {line}", flush=True))
     if left:
         print(f"{stage}: {left} MLflow record(s) still spooled in {root}: the server did not answer within "
               f"mlflow.flush_timeout_s = {timeout_s:g} s; deliver them later with `ganpipe sync`", flush=True)

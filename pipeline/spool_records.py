@@ -9,6 +9,12 @@ carry their timestamp (MLflow keeps one row per key, step, timestamp and value),
 params and tags are set to the same value, artifacts and image files overwrite
 their own paths, a run created from the spool is found again by its placeholder
 tag, and the model is logged once per run (a tag records it).
+
+A record that can never be delivered (not JSON, an unknown operation, missing
+fields, or refused by the server) is moved, never deleted, to the root's
+``quarantine/`` folder as ``<writer>-<NNNNNNNN>.json`` (with its ``.files``), named in
+one printed line; the records after it are delivered as usual. The quarantine sits
+beside the writer folders, not in one, because an emptied writer folder is removed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException, RestException
@@ -38,8 +45,20 @@ PENDING, TAG_SPOOL_KEY = "pending-", "ganpipe.spool_key"
 MAX_BATCH = 900  # MLflow caps a batch at 1000 metrics
 
 
+# Each operation a record may hold, with the fields its replay reads.
+FIELDS = {"create_run": ("experiment_id", "run_name", "tags", "params"), "batch": ("metrics", "params", "tags"),
+          "artifacts": ("artifact_path",), "terminate": ("status", "end_time"), "update_run": ("status",),
+          "model": ("name", "signature", "pip_requirements", "registered_model_name")}
+QUARANTINE = "quarantine"
+
+
 class TrackerError(RuntimeError):
-    """The tracking server refused a call for a reason retrying cannot fix."""
+    """MLflow cannot take what was asked, for a reason retrying cannot fix: a refused call, records that
+    cannot be delivered, a spool folder that is not there, a UI port that is taken."""
+
+
+class BadRecord(ValueError):
+    """A spool record that cannot be read or replayed: not JSON, an unknown operation, missing fields."""
 
 
 class RunNotCreatedYet(ConnectionError):
@@ -80,16 +99,18 @@ def _one_line(err: BaseException) -> str:
 
 
 class Spool:
-    """One writer's folder of records, delivered oldest first."""
+    """One writer's folder of records, delivered oldest first; ``report`` names a quarantined record in one line."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, report: Callable[[str], None] | None = None):
         self.folder = Path(folder)
+        self.report = report or (lambda line: print(f"MLflow: {line}", flush=True))
+        self.quarantined = 0
         self.folder.mkdir(parents=True, exist_ok=True)
         existing = self.pending()
         self._next = int(existing[-1].stem) + 1 if existing else 1
 
     def pending(self) -> list[Path]:
-        return sorted(self.folder.glob("[0-9]*.json"))
+        return sorted(path for path in self.folder.glob("[0-9]*.json") if path.stem.isdigit())
 
     def append(self, record: dict, stage_files=None) -> Path:
         """Write the record (and its files, staged by ``stage_files(folder)``) atomically, after all others."""
@@ -121,16 +142,22 @@ class Spool:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def deliver(self, send, wait: bool = True) -> int:
-        """Send pending records in order until one fails; returns how many are left.
+        """Send pending records in order until one fails for a transport reason; returns how many are left.
 
-        A transport failure stops here and leaves the record; any other error
-        drops the record (it can never be delivered) and raises TrackerError.
+        A record that cannot be read is quarantined and reported, and the next one goes on. One the server
+        refuses is quarantined and raises TrackerError: a writer fails fast, as its next calls would fail too.
         """
         with self.locked(wait) as held:
             if not held:
                 return len(self.pending())
             for path in self.pending():
-                files, record = path.with_suffix(".files"), json.loads(path.read_text())
+                files = path.with_suffix(".files")
+                try:
+                    record = read_record(path)
+                except BadRecord as err:
+                    self.report(f"spool record {path} cannot be delivered ({err}): moved to "
+                                f"{self._quarantine(path, files)}")
+                    continue
                 try:
                     if record["op"] == "create_run":
                         self._remember(record["run_id"], send(record, files))
@@ -139,12 +166,25 @@ class Spool:
                 except Exception as err:
                     if is_transport_failure(err):
                         return len(self.pending())
-                    _drop(path, files)
+                    moved = self._quarantine(path, files)
                     raise TrackerError(f"the MLflow server refused a {record['op']} call ({_one_line(err)}); "
-                                       "retrying cannot fix this") from None
+                                       f"retrying cannot fix this: the record is moved to {moved}") from None
                 _drop(path, files)
             return 0
 
+    def _quarantine(self, record: Path, files: Path) -> Path:
+        """Move a record that can never be delivered, and its files, to the root's quarantine; its new path."""
+        folder = self.folder.parent / QUARANTINE
+        folder.mkdir(exist_ok=True)
+        stem, copies = f"{self.folder.name}-{record.stem}", 1
+        while (folder / f"{stem}.json").exists():  # never overwrite an earlier one
+            copies += 1
+            stem = f"{self.folder.name}-{record.stem}-{copies}"
+        if files.exists():  # the files first: the record's own move is the mark that it left the queue
+            os.replace(files, folder / f"{stem}.files")
+        os.replace(record, folder / f"{stem}.json")
+        self.quarantined += 1
+        return folder / f"{stem}.json"
 
     def resolve(self, run_id: str) -> str:
         """The server's id of a run, also of one first created in a spool (by any writer under the same root)."""
@@ -161,6 +201,22 @@ class Spool:
         partial = folder / f".{placeholder}.tmp"
         partial.write_text(run_id)
         os.replace(partial, folder / placeholder)
+
+
+def read_record(path: Path) -> dict:
+    """A record as ``Spool.append`` wrote it; BadRecord says what is wrong with one that is not."""
+    try:
+        record = json.loads(path.read_bytes())
+    except ValueError as err:  # truncated JSON, or bytes that are not text
+        raise BadRecord(f"not JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise BadRecord(f"a JSON {type(record).__name__}, not an object")
+    if record.get("op") not in FIELDS:
+        raise BadRecord(f"unknown operation {record.get('op')!r}, known: {', '.join(FIELDS)}")
+    missing = [key for key in ("run_id", *FIELDS[record["op"]]) if key not in record]
+    if missing:
+        raise BadRecord(f"a {record['op']} record without {', '.join(missing)}")
+    return record
 
 
 def _drop(record: Path, files: Path) -> None:
@@ -194,8 +250,6 @@ def send_record(client: MlflowClient, record: dict, files: Path) -> str | None:
         client.update_run(run_id, status=record["status"])
     elif op == "model":
         _send_model(client, run_id, record, files)
-    else:
-        raise ValueError(f"unknown spool record {op!r}")
 
 
 def _send_model(client: MlflowClient, run_id: str, record: dict, files: Path) -> None:
@@ -219,22 +273,34 @@ def _send_model(client: MlflowClient, run_id: str, record: dict, files: Path) ->
     client.set_tag(run_id, TAG_MODEL_LOGGED, record["name"])
 
 
-def deliver_all(tracking_uri: str, spool_root: str | Path, timeout_s: float = 0.0) -> tuple[int, int]:
+def deliver_all(tracking_uri: str, spool_root: str | Path, timeout_s: float = 0.0,
+                report: Callable[[str], None] | None = None) -> tuple[int, int]:
     """Deliver every writer folder under ``spool_root`` (retrying with backoff up to ``timeout_s``).
 
     Returns (records delivered, records still spooled). A folder another process is
-    delivering right now is waited for, so nothing is sent twice.
+    delivering right now is waited for, so nothing is sent twice. A record that can
+    never be delivered is quarantined and the rest go on; each such record is named
+    through ``report``, one line each, or without it (``ganpipe sync``) in one
+    TrackerError once all else is delivered.
     """
     use_short_http_retries()
     root = Path(spool_root)
     if not root.is_dir():
-        return 0, 0
+        raise TrackerError(f"{root}: no such spool folder: check the path (a stage that leaves records says "
+                           "\"still spooled in <folder>\")")
+    problems: list[str] = []
+    say = report or problems.append
     client = MlflowClient(tracking_uri)
-    spools = [Spool(folder) for folder in sorted(root.iterdir()) if folder.is_dir() and folder.name != "runs"]
+
+    def send(record: dict, files: Path) -> str | None:
+        return send_record(client, record, files)
+
+    spools = [Spool(folder, say) for folder in sorted(root.iterdir())
+              if folder.is_dir() and folder.name not in ("runs", QUARANTINE)]
     before = sum(len(spool.pending()) for spool in spools)
     deadline, attempt = time.monotonic() + timeout_s, 0
     while True:
-        left = sum(spool.deliver(lambda record, files: send_record(client, record, files)) for spool in spools)
+        left = sum(_deliver_past_refusals(spool, send) for spool in spools)
         if left == 0 or time.monotonic() >= deadline:
             break
         time.sleep(min(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)], max(deadline - time.monotonic(), 0)))
@@ -242,7 +308,20 @@ def deliver_all(tracking_uri: str, spool_root: str | Path, timeout_s: float = 0.
     for spool in spools:
         if not spool.pending() and _writer_gone(spool.folder.name):
             shutil.rmtree(spool.folder, ignore_errors=True)  # nothing left to say, and no one to say it
-    return before - left, left
+    delivered = before - left - sum(spool.quarantined for spool in spools)
+    if problems:
+        raise TrackerError(f"{'; '.join(problems)}; {delivered} other record(s) delivered to {tracking_uri}, "
+                           f"{left} still spooled")
+    return delivered, left
+
+
+def _deliver_past_refusals(spool: Spool, send) -> int:
+    """Deliver one folder; a refused record is quarantined and named, and the records after it still go."""
+    while True:
+        try:
+            return spool.deliver(send)
+        except TrackerError as err:
+            spool.report(str(err))
 
 
 def _writer_gone(writer: str) -> bool:

@@ -275,7 +275,8 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         with resume.Heartbeat(client, parent_id):
             results = tuner.fit()
         # What the trials spooled through an outage must be in MLflow before their epochs are counted.
-        spool.deliver_all(uri, spool.spool_root(storage), cfg.mlflow.flush_timeout_s)
+        spool.deliver_all(uri, spool.spool_root(storage), cfg.mlflow.flush_timeout_s,
+                          report=lambda line: print(f"sweep: {line}", flush=True))
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
             [setup["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
         # Distinct epochs: a PBT trial that exploits another's checkpoint logs some epochs again.

@@ -8,9 +8,11 @@ MLFLOW_TRACKING_URI environment variable point at a server instead.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, flatten
 from pipeline.modeling import model_example
+from pipeline.spool_records import TrackerError
 
 TAG_STATUS = "ganpipe.status"            # completed | stopped_early | diverged | failed
 TAG_FAILURE = "ganpipe.failure_reason"
@@ -193,12 +196,30 @@ def training_links(client: MlflowClient, base: str) -> list[str]:
     return links or [f"  {base}/#/experiments?{TRAINING_VIEW}"]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` as the server would: a taken port is one line here, not a server that hangs.
+
+    (``mlflow server`` outlives its uvicorn worker when the bind fails, so the command would never exit.)
+    """
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # uvicorn's choice
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise TrackerError(f"port {port} on {host} is already in use: stop what holds it, "
+                               "or pick a free one with --port") from None
+        raise TrackerError(f"cannot serve the UI on {host}:{port} ({err.strerror or err}): "
+                           "give --host an address of this machine and --port a free port") from None
+
+
 def serve_ui(root: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the MLflow UI on the project's store until interrupted; returns the server's exit code."""
     db = (root / "mlruns" / "mlflow.db").resolve()
     if not db.exists():
         raise FileNotFoundError(f"no MLflow store at {db}: run `dvc repro` (or `ganpipe train --dataset mnist`) "
                                 "first, or open your server's URL if mlflow.tracking_uri points at one")
+    check_port_free(host, port)
     print(f"MLflow UI for {db} (Ctrl-C stops it); the training runs of each experiment:\n"
           + "\n".join(training_links(MlflowClient(f"sqlite:///{db}"), f"http://{host}:{port}")), flush=True)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
