@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 
-class NotWritableError(ValueError):
+class NotWritableError(RuntimeError):
     """A stage's output folder cannot be created or written: a local problem, never a mirror's."""
 
 

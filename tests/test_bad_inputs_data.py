@@ -23,7 +23,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT, end_process_tree, idx_bytes, project_params, synthetic_idx_files, synthetic_split, tool_env
+from helpers import (REPO_ROOT, end_process_tree, idx_bytes, project_params, synthetic_idx_files, synthetic_split,
+                     tool_env)
 from pipeline import cli
 
 
