@@ -58,6 +58,9 @@ def tracking_credentials() -> dict[str, str]:
     return {key: os.environ[key] for key in CREDENTIAL_VARS if os.environ.get(key)}
 
 
+PROBE_QUIET_S, PROBE_TIMEOUT_S = 5, 30  # the tracking server's first answer: said after 5 s, given up after 30
+
+
 def probe_tracking_server(uri: str, credentials: dict[str, str]) -> str:
     """'' when the MLflow server at ``uri`` lets these credentials read experiments; else what is wrong,
     naming the environment variable to fix (never its value)."""
@@ -70,7 +73,15 @@ def probe_tracking_server(uri: str, credentials: dict[str, str]) -> str:
     elif user and password:
         request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        urllib.request.urlopen(request, timeout=30).close()
+        try:
+            urllib.request.urlopen(request, timeout=PROBE_QUIET_S).close()
+        except OSError as err:
+            if not isinstance(getattr(err, "reason", err), TimeoutError):
+                raise
+            # A server that does not answer at once is said to be waited for, then given a bounded time.
+            print(f"MLflow at {uri} has not answered in {PROBE_QUIET_S} s; waiting up to {PROBE_TIMEOUT_S} s",
+                  flush=True)
+            urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S - PROBE_QUIET_S).close()
         return ""
     except urllib.error.HTTPError as err:
         if err.code == 401:

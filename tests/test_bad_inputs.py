@@ -164,3 +164,20 @@ def test_numbers_spelled_as_yaml_1_1_strings_are_numbers(project):
     cfg = load_config("params.yaml")
     assert cfg.train.lr_g == 1e-3
     assert cfg.sweep.space["lr_g"] == {"loguniform": [1e-5, 1e-3]}
+
+
+def test_a_tracking_server_that_does_not_answer_is_waited_for_in_words(monkeypatch, capsys):
+    """A server that accepts the connection and never answers: said at once, given up after a bounded time."""
+    import socket
+
+    from pipeline import tracking
+
+    monkeypatch.setattr(tracking, "PROBE_QUIET_S", 1)
+    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        problem = tracking.probe_tracking_server(uri, {})
+    assert problem.startswith("cannot be reached") and "timed out" in problem, problem
+    assert capsys.readouterr().out == f"MLflow at {uri} has not answered in 1 s; waiting up to 2 s\n"
