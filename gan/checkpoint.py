@@ -27,15 +27,15 @@ class TrainerState:
             "generator": self.g_module.state_dict(),
             "discriminator": self.d_module.state_dict(),
             "g_ema": self.g_ema.state_dict() if self.g_ema is not None else {},
-            "ema_updates": self._ema_updates,
+            "ema_updates": self.ema_updates,
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "sched_g": self.sched_g.state_dict(),
             "sched_d": self.sched_d.state_dict(),
             "counters": {"step": self.step, "d_updates": self.d_updates, "g_updates": self.g_updates,
-                         "calm_checks": self._calm_checks, "stopped_early": self.stopped_early,
-                         "window_steps": self._window_steps},
-            "window_sum": self._window_sum.clone(),
+                         "calm_checks": self.calm_checks, "stopped_early": self.stopped_early,
+                         "window_steps": self.window_steps},
+            "window_sum": self.window_sum.clone(),
             "device_type": self.device.type,
             "rng": rng,
             "noise_generator": self.noise_generator.get_state(),
@@ -54,17 +54,17 @@ class TrainerState:
         if self.g_ema is not None:
             # A checkpoint of a run without the average starts it from the loaded G.
             self.g_ema.load_state_dict(state.get("g_ema") or state["generator"])
-            self._ema_updates.copy_(state.get("ema_updates", torch.zeros(())))
+            self.ema_updates.copy_(state.get("ema_updates", torch.zeros(())))
         for optimizer, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
-            optimizer.load_state_dict(_with_capturable(state[key], self._capturable))
+            optimizer.load_state_dict(_with_capturable(state[key], self.capturable))
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
         self._apply_configured_lrs()
         counters = state["counters"]
         self.step, self.d_updates, self.g_updates = counters["step"], counters["d_updates"], counters["g_updates"]
-        self._calm_checks, self.stopped_early = counters["calm_checks"], counters["stopped_early"]
-        self._window_steps = counters["window_steps"]
-        self._window_sum = state["window_sum"].to(self.device)
+        self.calm_checks, self.stopped_early = counters["calm_checks"], counters["stopped_early"]
+        self.window_steps = counters["window_steps"]
+        self.window_sum = state["window_sum"].to(self.device)
         self.fixed_noise = state["fixed_noise"].to(self.device)
         if state["device_type"] == self.device.type:
             torch.set_rng_state(state["rng"]["cpu"])

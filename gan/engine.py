@@ -187,16 +187,16 @@ class GANTrainer(TrainerState, Sampling):
             kind = "rmsprop" if config.loss == "wgan" else "adam"
         self._g_params = [p for p in self.g_module.parameters() if p.requires_grad]
         self._d_params = [p for p in self.d_module.parameters() if p.requires_grad]
-        self._capturable = use_graph  # optimizer state on the device, as graph capture needs
-        self.opt_g = _optimizer(kind, self._g_params, config.lr_g, config.betas_g, self._capturable)
-        self.opt_d = _optimizer(kind, self._d_params, config.lr_d, config.betas_d, self._capturable)
+        self.capturable = use_graph  # optimizer state on the device, as graph capture needs
+        self.opt_g = _optimizer(kind, self._g_params, config.lr_g, config.betas_g, self.capturable)
+        self.opt_d = _optimizer(kind, self._d_params, config.lr_d, config.betas_d, self.capturable)
         # Staircase decay, counted in optimizer updates: lr * gamma ** (updates // every).
         self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, config.lr_decay_every, config.lr_decay_gamma)
         self.sched_d = torch.optim.lr_scheduler.StepLR(self.opt_d, config.lr_decay_every, config.lr_decay_gamma)
 
         # G-EMA: a moving average of G's weights samples, evaluates and is exported (Karras et al., Yazici et al.).
         self.g_ema = copy.deepcopy(self.g_module).eval().requires_grad_(False) if config.g_ema else None
-        self._ema_updates = torch.zeros((), device=self.device)
+        self.ema_updates = torch.zeros((), device=self.device)
 
         self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)
         # Sampling draws from its own generator so that it never shifts the training noise.
@@ -209,9 +209,9 @@ class GANTrainer(TrainerState, Sampling):
         self.d_updates = 0
         self.g_updates = 0
         self.stopped_early = False
-        self._calm_checks = 0  # consecutive read-backs with mean D(G(z)) within 0.5 +- tol
-        self._window_sum = torch.zeros(len(METRICS), device=self.device)
-        self._window_steps = 0
+        self.calm_checks = 0  # consecutive read-backs with mean D(G(z)) within 0.5 +- tol
+        self.window_sum = torch.zeros(len(METRICS), device=self.device)
+        self.window_steps = 0
         self.graph = CapturedIteration(self) if use_graph else None
         self.graph_fallback_reason: str | None = None  # why the CUDA graph was given up, if it was
 
@@ -224,7 +224,7 @@ class GANTrainer(TrainerState, Sampling):
         """Train eagerly from now on, with non-capturable optimizers (the graph's fallback)."""
         self.graph_fallback_reason = self.graph.fallback_reason
         self.graph = None
-        self._capturable = False
+        self.capturable = False
 
     # ---------------------------------------------------------------- one iteration
 
@@ -302,14 +302,14 @@ class GANTrainer(TrainerState, Sampling):
         ``g_ema`` (TensorFlow's ExponentialMovingAverage), so early samples are not
         dominated by the initial weights. Pure device work: it runs inside the graph.
         """
-        self._ema_updates += 1
-        decay = ((1 + self._ema_updates) / (10 + self._ema_updates)).clamp(max=self.config.g_ema)
+        self.ema_updates += 1
+        decay = ((1 + self.ema_updates) / (10 + self.ema_updates)).clamp(max=self.config.g_ema)
         for average, live in zip(self.g_ema.parameters(), self.g_module.parameters()):
             average.lerp_(live, 1 - decay)
         for average, live in zip(self.g_ema.buffers(), self.g_module.buffers()):
             average.copy_(live)
 
-    def _iteration(self, reals: Sequence[Tensor], labels: Sequence[Tensor] | None = None) -> Tensor:
+    def iteration(self, reals: Sequence[Tensor], labels: Sequence[Tensor] | None = None) -> Tensor:
         """d_steps D updates, then g_steps G updates: pure device work, capturable as one graph."""
         labels = labels if labels is not None else [None] * len(reals)
         d_metrics = torch.stack([self._d_update(real, y) for real, y in zip(reals, labels)]).mean(0)
@@ -348,19 +348,19 @@ class GANTrainer(TrainerState, Sampling):
             reals, labels = split_batches(itertools.islice(batches, self.config.d_steps), bool(self.num_classes))
             if len(reals) < self.config.d_steps:
                 break
-            metrics = self.graph(reals, labels) if self.graph is not None else self._iteration(reals, labels)
+            metrics = self.graph(reals, labels) if self.graph is not None else self.iteration(reals, labels)
             self._count_updates(self.config.d_steps, self.config.g_steps)
             self.step += 1
             steps += 1
             images += sum(len(real) for real in reals)
             epoch_sum += metrics
-            self._window_sum += metrics
-            self._window_steps += 1
+            self.window_sum += metrics
+            self.window_steps += 1
             if self.step % self.config.log_every == 0:
                 history.append(self._read_window())
                 if on_read is not None:
                     on_read(history[-1])
-        if self._window_steps and not self.stopped_early:
+        if self.window_steps and not self.stopped_early:
             history.append(self._read_window())  # a partial window: every epoch logs at least one point
             if on_read is not None:
                 on_read(history[-1])
@@ -384,14 +384,14 @@ class GANTrainer(TrainerState, Sampling):
         return dict(zip(METRICS, self.metric_reducer(means).tolist()))
 
     def _read_window(self) -> dict[str, float]:
-        values = self._read(self._window_sum / self._window_steps)
-        self._window_sum.zero_()
-        self._window_steps = 0
+        values = self._read(self.window_sum / self.window_steps)
+        self.window_sum.zero_()
+        self.window_steps = 0
         self._check_finite(values)
         if self.config.early_stop_patience > 0:
             calm = abs(values["d_fake"] - 0.5) <= self.config.early_stop_tol
-            self._calm_checks = self._calm_checks + 1 if calm else 0
-            self.stopped_early = self._calm_checks >= self.config.early_stop_patience
+            self.calm_checks = self.calm_checks + 1 if calm else 0
+            self.stopped_early = self.calm_checks >= self.config.early_stop_patience
         return {"step": self.step, **values}
 
     def _check_finite(self, values: dict[str, float]) -> None:

@@ -11,15 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
 from gan.checkpoint import cloned
 
-if TYPE_CHECKING:
-    from gan.engine import GANTrainer
+
+class Replayable(Protocol):
+    """What a graph needs of the trainer whose iteration it captures (``gan.engine.GANTrainer`` is one)."""
+
+    config: Any
+    device: torch.device
+    gradient_sync: Any
+    noise_generator: torch.Generator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    loss_names: tuple[str, ...]
+    loss_indices: list[int]
+
+    def iteration(self, reals, labels=None) -> Tensor: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def stop_graph(self) -> None: ...
+
 
 GRAPH_WARMUP_ITERATIONS = 3  # eager iterations on a side stream before capture (CUDA graphs docs)
 # How far a graph replay's losses may sit from eager mode's for the same iteration (relative and absolute):
@@ -28,7 +44,7 @@ GRAPH_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
 
 
 class CapturedIteration:
-    """Runs ``trainer._iteration`` as a CUDA graph replay; real batches (and labels) are copied into static buffers.
+    """Runs ``trainer.iteration`` as a CUDA graph replay; real batches (and labels) are copied into static buffers.
 
     The first iterations run eagerly on a side stream (they train for real),
     which creates the optimizer state and picks the kernels before capture.
@@ -36,7 +52,7 @@ class CapturedIteration:
     graph) or loaded optimizer state (``reset``) means a fresh capture.
     """
 
-    def __init__(self, trainer: GANTrainer):
+    def __init__(self, trainer: Replayable):
         self.trainer = trainer
         self.replay: Callable[[], Tensor] | None = None
         self.lrs: tuple[float, float] | None = None
@@ -58,7 +74,7 @@ class CapturedIteration:
         if self.replay is None and self.warmup_left > 0:
             self.warmup_left -= 1
             with self._side_stream():
-                return trainer._iteration(reals, labels)
+                return trainer.iteration(reals, labels)
         lrs = (trainer.opt_d.param_groups[0]["lr"], trainer.opt_g.param_groups[0]["lr"])
         if self.replay is not None and (lrs != self.lrs or reals[0].shape != self.static_reals.shape[1:]):
             self.replay = None
@@ -85,7 +101,7 @@ class CapturedIteration:
         """
         trainer = self.trainer
         snapshot = cloned(trainer.state_dict())
-        expected = trainer._iteration(reals, labels)[trainer.loss_indices]
+        expected = trainer.iteration(reals, labels)[trainer.loss_indices]
         # A loaded optimizer adopts the tensors it is given and updates them in place: load a copy.
         trainer.load_state_dict(cloned(snapshot))
         problem = None
@@ -117,7 +133,7 @@ class CapturedIteration:
         self.replay = None
         trainer.stop_graph()
         trainer.load_state_dict(snapshot)  # also makes the optimizers non-capturable
-        return trainer._iteration(reals, labels)
+        return trainer.iteration(reals, labels)
 
     def _agree(self, problem: str | None) -> str | None:
         """This rank's problem, or, when only other ranks had one, a reason naming them (one collective)."""
@@ -131,7 +147,7 @@ class CapturedIteration:
         return problem
 
     def capture(self, static_reals: Tensor, static_labels: Tensor | None = None) -> Callable[[], Tensor]:
-        """Capture ``_iteration(static_reals, static_labels)`` as a CUDA graph; returns its replay (-> the metrics)."""
+        """Capture ``iteration(static_reals, static_labels)`` as a CUDA graph; returns its replay (-> the metrics)."""
         trainer = self.trainer
         trainer.opt_d.zero_grad(set_to_none=True)  # backward allocates .grad from the graph's pool
         trainer.opt_g.zero_grad(set_to_none=True)
@@ -139,7 +155,7 @@ class CapturedIteration:
         graph.register_generator_state(trainer.noise_generator)  # fresh noise on every replay
         # thread_local: CUDA calls of other threads (e.g. a Ray worker's) do not break the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_metrics = trainer._iteration(static_reals, static_labels)
+            static_metrics = trainer.iteration(static_reals, static_labels)
 
         def replay() -> Tensor:
             graph.replay()

@@ -253,7 +253,7 @@ def test_graph_path_copies_labels_into_a_static_buffer_and_trains_like_eager_mod
     def capture(static_reals, static_labels):
         def replay():
             replayed_labels.append(static_labels.clone())
-            return trainer._iteration(list(static_reals), list(static_labels))
+            return trainer.iteration(list(static_reals), list(static_labels))
         return replay
 
     trainer.graph.capture = capture
@@ -334,7 +334,7 @@ def test_unconditional_model_refuses_labels_and_conditional_one_needs_them():
      "sweep.space.conditional: 'cgan' is not a valid model.conditional"),
 ])
 def test_bad_conditional_settings_fail_in_one_line_naming_the_key(overrides, expected):
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
     from pipeline.config import ConfigError, apply_overrides, read_params, validate
 
     raw = apply_overrides(read_params(REPO_ROOT / "params.yaml"), overrides)
@@ -351,7 +351,7 @@ def test_conditional_is_a_sweep_dimension_of_the_model_section(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
     from pipeline.config import apply_overrides, read_params, validate
     from pipeline.search import search_space
     from pipeline.sweep import best_vs_worst, trial_config
@@ -383,7 +383,7 @@ def test_the_default_is_acgan_and_the_tutorial_recipes_stay_unconditional():
 
     import yaml
 
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
     from pipeline.presets import available
 
     sys.path[:0] = [str(REPO_ROOT / "benchmarks")]

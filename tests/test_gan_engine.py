@@ -96,7 +96,7 @@ def test_an_epoch_shorter_than_log_every_still_logs_its_losses():
     first = trainer.train_epoch(image_batches(3)).history
     second = trainer.train_epoch(image_batches(5, seed=1)).history
     assert [row["step"] for row in first] == [3] and [row["step"] for row in second] == [8]
-    assert math.isfinite(first[0]["loss_d"]) and trainer._window_steps == 0
+    assert math.isfinite(first[0]["loss_d"]) and trainer.window_steps == 0
 
 
 def test_label_smoothing_reaches_the_discriminator_loss():

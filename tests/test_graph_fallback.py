@@ -46,7 +46,7 @@ def faithful(trainer, replays):
     def capture(static_reals):
         def replay():
             replays.append(1)
-            return trainer._iteration(list(static_reals))
+            return trainer.iteration(list(static_reals))
         return replay
     return capture
 
@@ -70,7 +70,7 @@ def wrong_maths(trainer, replays):
     def capture(static_reals):
         def replay():
             replays.append(1)
-            return trainer._iteration([torch.full_like(real, -1.0) for real in static_reals])
+            return trainer.iteration([torch.full_like(real, -1.0) for real in static_reals])
         return replay
     return capture
 
