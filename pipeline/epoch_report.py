@@ -23,7 +23,6 @@ from gan.engine import GANTrainer
 from gan.images import density_plot, image_grid, save_png
 from gan.metrics import evaluate
 from pipeline import cluster, resume, tracking
-from pipeline.config import Config
 from pipeline.spool import SpooledClient, is_transport_failure
 
 # MLflow metric keys, grouped by prefix so the UI charts them together.
@@ -73,13 +72,15 @@ def _rows(csv: Path) -> list[dict]:
 class RankZeroLogger:
     """Everything only rank 0 does: quality evaluation, MLflow logging, output files."""
 
-    def __init__(self, loop_config: dict, cfg: Config, dataset: str, device: torch.device):
+    def __init__(self, run, device: torch.device):
+        """``run``: the ``pipeline.loop.LoopRun`` rank 0 trains."""
+        cfg, dataset = run.cfg, run.dataset
         self.cfg, self.dataset, self.device = cfg, dataset, device
         self.toy = DATASETS[dataset].kind == "toy"
         # An outage of the tracking server spools this run's metrics and grids; training goes on.
-        self.client = SpooledClient(loop_config["tracking_uri"], loop_config["spool_root"])
-        self.run_id = loop_config["mlflow_run_id"]
-        self.evaluator, self.reference = cluster.worker_reference(loop_config["inputs"], dataset, device)
+        self.client = SpooledClient(run.tracking_uri, run.spool_root)
+        self.run_id = run.mlflow_run_id
+        self.evaluator, self.reference = cluster.worker_reference(run.inputs, dataset, device)
         self.eval_samples = cfg.train.eval_samples
         self.logged: dict[str, set[int]] = {}  # on a resumed run: the steps MLflow already holds, per key
 

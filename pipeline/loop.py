@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from gan.data import DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.parallel import GradientAllReduce
 from pipeline import cluster, estimate, resume, spool
-from pipeline.config import Config, validate
+from pipeline.config import Config
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
 from pipeline.modeling import build_generator_and_discriminator
 from pipeline.progress import EpochBar, on_terminal
@@ -79,12 +80,32 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
 
-def train_loop(loop_config: dict, session=None) -> None:
-    """Runs on every Ray Train worker, or in a Tune trial with a single-process session."""
+@dataclass(frozen=True)
+class LoopRun:
+    """What every worker of one run needs, built once by the driver: settings and object-store references."""
+
+    cfg: Config
+    dataset: str
+    inputs: dict  # ``cluster.put_inputs``: the data, the evaluator and the tracking credentials, in Ray's store
+    mlflow_run_id: str
+    tracking_uri: str
+    spool_root: str
+    use_gpu: bool
+    diverged_metrics: dict = field(default_factory=dict)  # what a diverged epoch reports (e.g. fid=inf)
+    progress: bool = False  # rank 0 draws a progress bar (on a terminal, outside a sweep)
+    estimate: dict | None = None  # how to say how long the run will take (``pipeline.estimate``)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's entry on every worker: ``config`` is ``{"run": LoopRun}``."""
+    run = config["run"]
+    run_loop(run, RayTrainSession(run.use_gpu))
+
+
+def run_loop(run: LoopRun, session) -> None:
+    """One worker's training: on a Ray Train worker, or in a Tune trial with a single-process session."""
     entered = time.time()  # wall clock: the driver compares it with when it called fit()
-    session = session or RayTrainSession(loop_config["use_gpu"])
-    cfg = validate(loop_config["params"])
-    dataset = loop_config["dataset"]
+    cfg, dataset = run.cfg, run.dataset
     rank, world, device = session.rank, session.world, session.device
 
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
@@ -93,22 +114,22 @@ def train_loop(loop_config: dict, session=None) -> None:
     # Several workers average their gradients in the engine; rank 0's initial weights go everywhere, as DDP did.
     gradient_sync = GradientAllReduce.broadcasting(generator, discriminator) if world > 1 else None
     conditional = cfg.model.conditional != "none"  # the batches carry labels
-    labels = cluster.worker_shard(loop_config["inputs"], rank, world, "y_train").to(device) if conditional else None
-    batches = DeviceBatches(cluster.worker_shard(loop_config["inputs"], rank, world).to(device),
+    labels = cluster.worker_shard(run.inputs, rank, world, "y_train").to(device) if conditional else None
+    batches = DeviceBatches(cluster.worker_shard(run.inputs, rank, world).to(device),
                             cfg.train.worker_batch(world),
                             seed=cfg.train.seed + rank, labels=labels)
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()), device=device,
                          seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers,
                          gradient_sync=gradient_sync)
     try:
-        _train_epochs(loop_config, session, cfg, dataset, trainer, batches, entered)
+        _train_epochs(run, session, trainer, batches, entered)
     finally:
         if trainer.graph is not None:
             trainer.graph.reset()  # before Ray destroys the process group (NCCL 2.26+ hangs otherwise)
 
 
-def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer: GANTrainer,
-                  batches: DeviceBatches, entered: float) -> None:
+def _train_epochs(run: LoopRun, session, trainer: GANTrainer, batches: DeviceBatches, entered: float) -> None:
+    cfg, dataset = run.cfg, run.dataset
     rank, world, device = session.rank, session.world, session.device
 
     start_epoch, history = 1, History()
@@ -123,8 +144,8 @@ def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer
                 print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
     if rank == 0:
-        cluster.use_credentials(loop_config["inputs"])
-    logger = RankZeroLogger(loop_config, cfg, dataset, device) if rank == 0 else None
+        cluster.use_credentials(run.inputs)
+    logger = RankZeroLogger(run, device) if rank == 0 else None
     if logger and start_epoch > 1:
         logger.resumed(start_epoch - 1)
     if start_epoch > cfg.train.epochs:  # the driver died after the last checkpoint: report it again
@@ -138,13 +159,13 @@ def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         bar = None  # rank 0's bar on the driver's terminal, fed by the engine's read-backs
         iterations = len(batches) // cfg.train.d_steps
-        if logger and loop_config.get("progress"):
+        if logger and run.progress:
             bar = EpochBar(epoch, cfg.train.epochs, iterations=iterations,
                            images_per_iteration=batches.batch_size * world * cfg.train.d_steps,
                            first_step=trainer.step)
         on_read = bar.on_read if bar else None
         if logger and epoch == start_epoch:  # on a CPU, say once how long the run will take
-            on_read = estimate.hook(loop_config.get("estimate"), device, iterations, cfg.train.epochs - epoch + 1,
+            on_read = estimate.hook(run.estimate, device, iterations, cfg.train.epochs - epoch + 1,
                                     then=on_read)
         try:
             result = trainer.train_epoch(batches, on_read=on_read)
@@ -158,7 +179,7 @@ def _train_epochs(loop_config: dict, session, cfg: Config, dataset: str, trainer
                 bar.close()
         metrics = {"epoch": epoch, "step": trainer.step, "status": status, **_device_report(trainer)}
         if status == "diverged":
-            metrics.update(loop_config.get("diverged_metrics", {}))  # e.g. fid=inf, so schedulers rank it last
+            metrics.update(run.diverged_metrics)  # e.g. fid=inf, so schedulers rank it last
         else:
             metrics.update(result.metrics, images_per_sec=result.images_per_sec * world)
             timings["train_s"] += result.seconds
@@ -194,16 +215,6 @@ def _device_report(trainer: GANTrainer) -> dict:
             "peak_memory_gib": round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 3) if cuda else None}
 
 
-def make_loop_config(cfg: Config, dataset: str, *, inputs: dict, mlflow_run_id: str, tracking_uri: str,
-                     spool_root: str, use_gpu: bool, diverged_metrics: dict | None = None,
-                     progress: bool = False, estimate: dict | None = None) -> dict:
-    """What every worker needs: plain values and object-store references (``cluster.put_inputs``)."""
-    return {"params": cfg.model_dump(mode="json"), "dataset": dataset, "inputs": inputs,
-            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "spool_root": spool_root,
-            "use_gpu": use_gpu, "diverged_metrics": diverged_metrics or {}, "progress": progress,
-            "estimate": estimate}
-
-
 def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool, mlflow_run_id: str,
         tracking_uri: str, ray_run_name: str, callbacks: list | None = None, diverged_metrics: dict | None = None,
         estimate: dict | None = None):
@@ -217,10 +228,10 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=make_loop_config(cfg, dataset, inputs=inputs, mlflow_run_id=mlflow_run_id,
-                                           tracking_uri=tracking_uri, spool_root=str(spool.spool_root(storage)),
-                                           use_gpu=use_gpu, diverged_metrics=diverged_metrics, estimate=estimate,
-                                           progress=on_terminal()),  # False inside a sweep's trial
+        train_loop_config={"run": LoopRun(cfg, dataset, inputs=inputs, mlflow_run_id=mlflow_run_id,
+                                          tracking_uri=tracking_uri, spool_root=str(spool.spool_root(storage)),
+                                          use_gpu=use_gpu, diverged_metrics=diverged_metrics or {},
+                                          estimate=estimate, progress=on_terminal())},  # False inside a sweep
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=cluster.worker_resources(use_gpu)),
         run_config=ray.train.RunConfig(

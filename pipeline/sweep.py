@@ -30,7 +30,7 @@ from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.sweep_figures import best_vs_worst, metric_figure
 from pipeline.search import (fail_lost_trials, label_searched_by, optuna_trials, scheduler, search_algorithm,
                              search_space)
-from pipeline.loop import fit, make_loop_config, storage_path, train_loop
+from pipeline.loop import LoopRun, fit, run_loop, storage_path
 
 OUT = Path("sweep")
 SUMMARY_METRICS = ("fid", "kid", "class_coverage")
@@ -100,13 +100,12 @@ def run_trial(sampled: dict, setup: dict) -> None:
                                           if isinstance(value, (int, float))}, step=0)
     dataset, use_gpu = cfg.sweep_dataset, setup["use_gpu"]
     if in_process(cfg.sweep):
-        loop_config = make_loop_config(cfg, dataset, inputs=setup["inputs"], mlflow_run_id=run_id,
-                                       tracking_uri=setup["tracking_uri"],
-                                       spool_root=str(spool.spool_root(setup["storage"])), use_gpu=use_gpu,
-                                       diverged_metrics=setup["diverged_metrics"], estimate=setup["estimate"])
+        run = LoopRun(cfg, dataset, inputs=setup["inputs"], mlflow_run_id=run_id, tracking_uri=setup["tracking_uri"],
+                      spool_root=str(spool.spool_root(setup["storage"])), use_gpu=use_gpu,
+                      diverged_metrics=setup["diverged_metrics"], estimate=setup["estimate"])
         session = TuneSession(use_gpu)
         with gpu_share.memory_share(session.device, cfg.sweep.gpu_share):
-            train_loop(loop_config, session)
+            run_loop(run, session)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
