@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 import yaml
 
-from pipeline import cluster, gpu_share, resume, spool, tracking
+from pipeline import cluster, driver, gpu_share, spool, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, sweep_param, validate
-from pipeline.artifacts import load_processed, processed_paths
+from pipeline.artifacts import load_processed
 from pipeline.progress import on_terminal, sweep_callback, trial_count
 from pipeline.sweep_figures import best_vs_worst, metric_figure
 from pipeline.search import (fail_lost_trials, label_searched_by, optuna_trials, scheduler, search_algorithm,
@@ -217,25 +217,14 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
     cluster.check_shared(uri, storage, nodes)
     inputs = cluster.put_inputs(dataset, root, arrays)
 
-    git = tracking.git_state(root)
-    data = resume.data_digest(root / processed_paths(dataset)["npz"])
-    identity = resume.run_identity(cfg, stage="sweep", dataset=dataset, data=data, use_gpu=use_gpu,
-                                   git_commit=git["git.commit"])
-    name = f"sweep-{dataset}-{identity}"
-    client = spool.SpooledClient(uri, spool.spool_root(storage))  # an outage from here on spools, never fails
-    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, dataset), root)
-    interrupted = resume.take_over(client, experiment_id, stage="sweep", identity=identity, data=data, fresh=fresh)
-    if interrupted:
-        parent_id = interrupted.info.run_id
+    parent = driver.open_run(cfg, dataset, root, stage="sweep", storage=storage, uri=uri, use_gpu=use_gpu,
+                             fresh=fresh, named=True)
+    client, parent_id, name, git = parent.client, parent.run_id, parent.ray_run_name, parent.git
+    if parent.resumed:
         print(f"sweep: resuming the interrupted sweep {name} (MLflow parent run {parent_id}): finished trials "
               "are kept, unfinished ones continue from their checkpoints")
     else:
-        resume.clear_storage(storage, name)  # a finished sweep's trials must not be restored
         _clear_study(root, name)
-        client, parent_id = tracking.start_run(
-            cfg, dataset, root, stage="sweep", ray_run_name=name, params_hash=params_hash(root / "params.yaml"),
-            name=name, uri=uri, git=git, extra_tags={resume.TAG_IDENTITY: identity, resume.TAG_DATA: data, **resume.driver_tags()},
-            client=client)
         client.log_dict(parent_id, sweep.model_dump(mode="json"), "search_space.yaml")
         print(f"sweep: MLflow parent run {parent_id} ({name}) in {uri}")
     study_storage = _study_storage(cfg, root, name)
@@ -244,15 +233,15 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
     trials = trial_count(sweep.space, sweep.num_samples, grid)
     setup = {"params": cfg.model_dump(mode="json"), "root": str(root), "tracking_uri": uri, "name": name,
              "storage": storage, "inputs": inputs, "use_gpu": use_gpu, "git": git,
-             "parent_run_id": parent_id, "experiment_id": experiment_id,
+             "parent_run_id": parent_id, "experiment_id": parent.experiment_id,
              "params_hash": params_hash(root / "params.yaml"), "diverged_metrics": {sweep.metric: worst},
              "lineage": tracking.lineage_tags(),  # trials may run where DVC_EXP_NAME is not set
              "estimate": {"stage": "sweep", "runs": trials, "at_once": concurrent, "once_key": f"estimate-{name}"}}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {key.lower(): amount for key, amount in share.items()})
-    try:
+    with driver.ending(cfg, parent, storage, "sweep"):
         experiment_path = f"{storage.rstrip('/')}/{name}"
-        if interrupted and tune.Tuner.can_restore(experiment_path):
+        if parent.resumed and tune.Tuner.can_restore(experiment_path):
             # Finished trials keep their results; unfinished and errored ones continue from their checkpoints.
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, param_space=search_space(cfg))
@@ -271,8 +260,7 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=progress,
                                           verbose=0 if progress else 1),
             )
-        with resume.Heartbeat(client, parent_id):
-            results = tuner.fit()
+        results = tuner.fit()
         # What the trials spooled through an outage must be in MLflow before their epochs are counted.
         spool.deliver_all(uri, spool.spool_root(storage), cfg.mlflow.flush_timeout_s,
                           report=lambda line: print(f"sweep: {line}", flush=True))
@@ -293,13 +281,6 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
                 tracking.end_run(client, row.mlflow_run_id, row.status, row.error)
         summary = _write_outputs(cfg, table, root)
         _log_parent(client, parent_id, root, summary)
-    except BaseException as err:
-        if not isinstance(err, spool.TrackerError):  # the server refuses this run: nothing more to tell it
-            tracking.end_run(client, parent_id, "failed", f"{type(err).__name__}: {err}")
-        spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, "sweep")
-        raise
-    tracking.end_run(client, parent_id, "completed")
-    spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, "sweep")
     return table
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cluster, resume, spool, tracking
-from pipeline.config import Config, ModelConfig, params_hash
+from pipeline import cluster, driver, tracking
+from pipeline.config import Config, ModelConfig
 from pipeline.loop import fit, read_status, storage_path
 from pipeline.modeling import build_generator_and_discriminator
 from pipeline.progress import Stopwatch, checkpoint_callback
@@ -69,51 +69,30 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
     inputs = cluster.put_inputs(dataset, root, arrays)
     clock.lap("data_handoff_s")  # with the shared-storage probe
 
-    git = tracking.git_state(root)
-    data = resume.data_digest(root / processed_paths(dataset)["npz"])
-    identity = resume.run_identity(cfg, stage=stage, dataset=dataset, data=data, use_gpu=use_gpu,
-                                   git_commit=git["git.commit"])
-    ray_run_name = f"train-{dataset}-{identity}"
-    client = spool.SpooledClient(uri, spool.spool_root(storage))  # an outage from here on spools, never fails
-    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg, dataset), root)
-    interrupted = resume.take_over(client, experiment_id, stage=stage, identity=identity, data=data, fresh=fresh)
-    if interrupted:
-        run_id = interrupted.info.run_id
-        print(f"{stage}: resuming the interrupted MLflow run {run_id} from its last checkpoint in "
-              f"{storage}/{ray_run_name}")
+    run = driver.open_run(cfg, dataset, root, stage=stage, storage=storage, uri=uri, use_gpu=use_gpu, fresh=fresh)
+    if run.resumed:
+        print(f"{stage}: resuming the interrupted MLflow run {run.run_id} from its last checkpoint in "
+              f"{storage}/{run.ray_run_name}")
     else:
-        resume.clear_storage(storage, ray_run_name)  # a finished run's checkpoints must not be resumed
-        client, run_id = tracking.start_run(cfg, dataset, root, stage=stage, ray_run_name=ray_run_name,
-                                            params_hash=params_hash(root / "params.yaml"), uri=uri, git=git,
-                                            extra_tags={resume.TAG_IDENTITY: identity, resume.TAG_DATA: data,
-                                                        **resume.driver_tags()},
-                                            client=client)
-        print(f"{stage}: MLflow run {run_id} ({tracking.run_name(cfg)}) in {uri}")
+        print(f"{stage}: MLflow run {run.run_id} ({tracking.run_name(cfg)}) in {uri}")
     clock.lap("mlflow_run_s")
-    try:
-        with resume.Heartbeat(client, run_id):
-            fit_called = time.time()
-            result = fit(cfg, dataset, storage=storage, inputs=inputs, use_gpu=use_gpu, mlflow_run_id=run_id,
-                         tracking_uri=uri, ray_run_name=ray_run_name, callbacks=[checkpoint_callback()],
-                         estimate={"stage": stage, "runs": len(cfg.data.datasets)})
+    with driver.ending(cfg, run, storage, stage) as outcome:
+        fit_called = time.time()
+        result = fit(cfg, dataset, storage=storage, inputs=inputs, use_gpu=use_gpu, mlflow_run_id=run.run_id,
+                     tracking_uri=uri, ray_run_name=run.ray_run_name, callbacks=[checkpoint_callback()],
+                     estimate={"stage": stage, "runs": len(cfg.data.datasets)})
         status = read_status(result)
         if status["status"] == "failed":
             raise RuntimeError(status["reason"])
         clock.lap("fit_s")
-        summary = _write_dvc_outputs(cfg, dataset, root, result, status, run_id)
+        summary = _write_dvc_outputs(cfg, dataset, root, result, status, run.run_id)
         clock.lap("dvc_outputs_s")
-        _log_final_artifacts(client, run_id, cfg, dataset, root)
+        _log_final_artifacts(run.client, run.run_id, cfg, dataset, root)
         clock.lap("export_and_register_s")
         _write_timings(dataset, root, clock.laps, status.get("timings"), fit_called)
-    except BaseException as err:
-        if not isinstance(err, spool.TrackerError):  # the server refuses this run: nothing more to tell it
-            tracking.end_run(client, run_id, "failed", f"{type(err).__name__}: {err}")
-        spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, stage)
-        raise
-    tracking.end_run(client, run_id, status["status"], status.get("reason", ""))
-    spool.settle(client, spool.spool_root(storage), cfg.mlflow.flush_timeout_s, stage)
+        outcome.update(status=status["status"], reason=status.get("reason", ""))
     if status["status"] == "diverged":
-        raise TrainingDiverged(f"run {run_id} diverged: {status['reason']}")
+        raise TrainingDiverged(f"run {run.run_id} diverged: {status['reason']}")
     return summary
 
 
