@@ -219,7 +219,7 @@ def test_trial_config_applies_every_sampled_value():
 @pytest.mark.parametrize("space, message", [
     ({"lr_g": []}, "sweep.space.lr_g: an empty list cannot be sampled"),
     ({"lr_g": [-1e-3]}, "sweep.space.lr_g: -0.001 is not a valid train.lr_g: Input should be greater than 0"),
-    ({"lr_d": {"loguniform": [1e-3, 1e-4]}}, "sweep.space.lr_d.loguniform: needs [low, high] with low < high"),
+    ({"lr_d": {"loguniform": [1e-3, 1e-4]}}, "sweep.space.lr_d.loguniform: needs [low, high] of finite numbers, low < high"),
     ({"d_steps": {"choice": [0, 1]}}, "sweep.space.d_steps: 0 is not a valid train.d_steps"),
     ({"lr_g": {"normal": [0, 1]}}, "sweep.space.lr_g: expected a list or one of {choice, loguniform, uniform"),
     ({"beta": [0.5]}, "sweep.space.beta = 'beta' is invalid: Input should be 'lr_g', 'lr_d'"),
