@@ -22,6 +22,7 @@ indices on the models' device; drawing them is device work (``uniform_labels``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -32,6 +33,44 @@ CONDITIONAL = ("none", "concat", "projection", "acgan")
 # G's label embedding (model.label_embedding wide) joins z. For concat, at 10 wide (one per class) the label was
 # a tenth of the input and G learned to follow it slowly (cond accuracy ~0.35 after 300 MNIST updates); at 64,
 # ~0.75. Wider follows the label better, narrower leaves z more room for variety (docs/conditional.md).
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a (G, D) pair is, said once where it is built (``gan.models.build_models``) and read everywhere else:
+    the training step, the graph, sampling, metrics, export and the CLI ask it, never the model's shape."""
+
+    kind: str  # one of CONDITIONAL
+    num_classes: int
+
+    @property
+    def labelled(self) -> bool:
+        """G takes a class label beside z, and the batches carry labels."""
+        return self.kind != "none"
+
+    @property
+    def classes(self) -> int:
+        """The classes G can be asked for: 0 for an unconditional model."""
+        return self.num_classes if self.labelled else 0
+
+    @property
+    def class_head(self) -> bool:
+        """D predicts the class too (AC-GAN): it returns (real/fake logits, class logits)."""
+        return self.kind == "acgan"
+
+    def split_logits(self, output: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(real/fake logits, class logits or None) of D's output, in float32."""
+        if self.class_head:
+            return output[0].float(), output[1].float()
+        return output.float(), None
+
+
+UNCONDITIONAL = Conditioning("none", 0)
+
+
+def conditioning_of(model: nn.Module) -> Conditioning:
+    """How ``model`` (a G or D that ``build_models`` made) is conditioned; a hand-made model is unconditional."""
+    return getattr(model, "conditioning", UNCONDITIONAL)
 
 
 def uniform_labels(n: int, num_classes: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -181,13 +220,6 @@ class AuxiliaryClassifierDiscriminator(_HeadedDiscriminator):
         _check_labels(labels, x.shape[0])  # the engine passes them; a caller without them has the wrong model
         features = self.body(x)
         return self.head(features).reshape(-1), self.classifier(features)
-
-
-def split_logits(output: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
-    """(real/fake logits, class logits or None) of any discriminator's output, in float32."""
-    if isinstance(output, tuple):
-        return output[0].float(), output[1].float()
-    return output.float(), None
 
 
 Builder = Callable[..., tuple[nn.Module, nn.Module]]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gan.checkpoint import TrainerState
-from gan.conditioning import class_rows, label_args, split_batch, split_batches, split_logits
+from gan.conditioning import class_rows, conditioning_of, label_args, split_batch, split_batches
 from gan.graph import CapturedIteration
 from gan.losses import LOSSES, clip_weights, interpolate, penalty_at
 from gan.sampling import Sampling
@@ -175,7 +175,8 @@ class GANTrainer(TrainerState, Sampling):
         self.generator, self.discriminator = generator, discriminator
         self.g_module, self.d_module = unwrap(generator).to(self.device), unwrap(discriminator).to(self.device)
         self.latent_dim = self.g_module.latent_dim
-        self.num_classes = getattr(self.g_module, "num_classes", 0)  # 0: unconditional, batches carry no labels
+        self.conditioning = conditioning_of(self.g_module)
+        self.num_classes = self.conditioning.classes  # 0: unconditional, batches carry no labels
         self.loss = LOSSES[config.loss]
         self.metric_reducer = metric_reducer or (lambda metrics: metrics)
         self.gradient_sync = gradient_sync
@@ -246,7 +247,7 @@ class GANTrainer(TrainerState, Sampling):
             labels += [real_labels] if labels else []  # the penalty at (x, y) pairs: x's real end's class
         with self._autocast():
             output = self.discriminator(torch.cat(batch), *label_args(torch.cat(labels) if labels else None))
-        logits, class_logits = split_logits(output)
+        logits, class_logits = self.conditioning.split_logits(output)
         real_logits, fake_logits = logits[:n], logits[n:2 * n]
         loss = self.loss.d_loss(real_logits, fake_logits, self.config.label_smoothing)
         if class_logits is not None:  # acgan: the class head learns on real images only (fakes: G's mistakes)
@@ -280,7 +281,7 @@ class GANTrainer(TrainerState, Sampling):
         with self._autocast():
             fake = self.generator(self.noise(n), *label_args(fake_labels))
             output = self.d_module(torch.cat([real, fake.to(real.dtype)]), *label_args(labels))
-        logits, class_logits = split_logits(output)
+        logits, class_logits = self.conditioning.split_logits(output)
         loss = self.loss.g_loss(logits[n:])
         if class_logits is not None:  # acgan: G draws what D's class head calls the asked class
             loss = loss + self.config.class_weight * F.cross_entropy(class_logits[n:], fake_labels)
@@ -345,7 +346,7 @@ class GANTrainer(TrainerState, Sampling):
         history: list[dict[str, float]] = []
         steps = images = 0
         while not self.stopped_early:
-            reals, labels = split_batches(itertools.islice(batches, self.config.d_steps), bool(self.num_classes))
+            reals, labels = split_batches(itertools.islice(batches, self.config.d_steps), self.conditioning.labelled)
             if len(reals) < self.config.d_steps:
                 break
             metrics = self.graph(reals, labels) if self.graph is not None else self.iteration(reals, labels)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from gan.conditioning import CONDITIONAL, build_conditional
+from gan.conditioning import CONDITIONAL, Conditioning, build_conditional
 
 
 class Generator(nn.Module):
@@ -248,4 +248,5 @@ def build_models(
                                                      label_embedding=label_embedding)
     if spectral_norm:
         spectral_normalize(discriminator)
+    generator.conditioning = discriminator.conditioning = Conditioning(conditional, num_classes)
     return generator, discriminator

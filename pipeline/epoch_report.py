@@ -110,7 +110,7 @@ class RankZeroLogger:
             # A conditional model is asked for each class in turn: cond_accuracy, fid_class_<k> and the
             # variety within each class (<precision|recall|density|coverage>_class_<k>, their _within_class means).
             quality = evaluate(trainer.sample, self.evaluator, self.reference, n=self.cfg.train.eval_samples,
-                               device=self.device, conditional=trainer.num_classes > 0)
+                               device=self.device, conditional=trainer.conditioning.labelled)
         quality = {k: float(v) for k, v in quality.items()}
         speed = result.images_per_sec * world
         # What the engine really runs with: the optimizers' current lrs and exact update counts.

@@ -20,7 +20,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from gan.conditioning import class_rows
+from gan.conditioning import class_rows, conditioning_of
 from gan.data import DATASETS
 from gan.images import image_grid, save_png
 from gan.sampling import RECORD_FORMAT, draw_noise
@@ -106,7 +106,7 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
     if mlflow_run:
         model, params = _logged_generator(cfg, mlflow_run, device)
         latent_dim, noise = int(params["model.latent_dim"]), params["train.noise"]
-        conditional = params["model.conditional"] != "none"
+        classes = classes if params["model.conditional"] != "none" else 0  # the run's record: older models say none
     else:
         path = Path(checkpoint or Path("models") / dataset / "generator.pt")
         settings, weights = read_generator_file(path, dataset, device)
@@ -118,8 +118,8 @@ def load_sampler(cfg: Config, dataset: str, *, checkpoint: str | None, mlflow_ru
             raise SampleError(f"{path}: its weights do not fit the model it records "
                               f"({_first_line(err).removeprefix('Error(s) in loading state_dict for ')})") from None
         model.to(device).eval()
-        latent_dim, noise, conditional = model_cfg.latent_dim, settings["noise"], model_cfg.conditional != "none"
-    return Sampler(model, latent_dim, noise, classes if conditional else 0, device, seed)
+        latent_dim, noise, classes = model_cfg.latent_dim, settings["noise"], conditioning_of(model).classes
+    return Sampler(model, latent_dim, noise, classes, device, seed)
 
 
 def _logged_generator(cfg: Config, run_id: str, device: torch.device) -> tuple[torch.nn.Module, dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gan.conditioning import conditioning_of
 from gan.data import DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.parallel import GradientAllReduce
@@ -113,8 +114,8 @@ def run_loop(run: LoopRun, session) -> None:
     generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
     # Several workers average their gradients in the engine; rank 0's initial weights go everywhere, as DDP did.
     gradient_sync = GradientAllReduce.broadcasting(generator, discriminator) if world > 1 else None
-    conditional = cfg.model.conditional != "none"  # the batches carry labels
-    labels = cluster.worker_shard(run.inputs, rank, world, "y_train").to(device) if conditional else None
+    labelled = conditioning_of(generator).labelled  # the batches carry labels
+    labels = cluster.worker_shard(run.inputs, rank, world, "y_train").to(device) if labelled else None
     batches = DeviceBatches(cluster.worker_shard(run.inputs, rank, world).to(device),
                             cfg.train.worker_batch(world),
                             seed=cfg.train.seed + rank, labels=labels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from gan.conditioning import conditioning_of
 from gan.data import DATASETS
 from gan.models import build_models
 from pipeline.config import ModelConfig
@@ -24,8 +25,8 @@ def build_generator_and_discriminator(m: ModelConfig, dataset: str):
 def model_example(generator: torch.nn.Module, latent_dim: int, n: int = 4) -> dict[str, torch.Tensor]:
     """Named example inputs of a generator as MLflow logs it: {"z"}, or {"z", "label"} for a conditional one."""
     example = {"z": torch.randn(n, latent_dim)}
-    if getattr(generator, "num_classes", 0):
-        example["label"] = torch.arange(n) % generator.num_classes
+    if conditioning_of(generator).labelled:
+        example["label"] = torch.arange(n) % conditioning_of(generator).num_classes
     return example
 
 
