@@ -46,7 +46,7 @@ def engine_alone(repo: Path, epochs: int) -> float:
     from gan.data import DeviceBatches
     from gan.engine import EngineConfig, GANTrainer
     from gan.metrics import evaluate
-    from pipeline.cluster import load_reference
+    from pipeline.yardstick import load_reference
     from pipeline.config import load_config
     from pipeline.artifacts import load_processed
     from pipeline.modeling import build_generator_and_discriminator

@@ -25,7 +25,7 @@ from gan.conditioning import conditioning_of
 from gan.data import DeviceBatches
 from gan.engine import DivergedError, EngineConfig, GANTrainer
 from gan.parallel import GradientAllReduce
-from pipeline import cluster, estimate, resume, spool
+from pipeline import cluster, estimate, resources, resume, spool
 from pipeline.config import Config
 from pipeline.epoch_report import STATUS_FILE, History, RankZeroLogger
 from pipeline.modeling import build_generator_and_discriminator
@@ -234,7 +234,7 @@ def fit(cfg: Config, dataset: str, *, storage: str, inputs: dict, use_gpu: bool,
                                           use_gpu=use_gpu, diverged_metrics=diverged_metrics or {},
                                           estimate=estimate, progress=on_terminal())},  # False inside a sweep
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=cluster.worker_resources(use_gpu)),
+                                               resources_per_worker=resources.worker_resources(use_gpu)),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage, callbacks=callbacks,
             # Ray Train turns NCCL async error handling on unless set: off for captured collectives (CUDA graphs notes).

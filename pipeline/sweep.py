@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import yaml
 
-from pipeline import cluster, driver, gpu_share, spool, tracking
+from pipeline import cluster, driver, gpu_share, resources, spool, tracking
 from pipeline.config import Config, ConfigError, apply_overrides, params_hash, sweep_param, validate
 from pipeline.artifacts import load_processed
 from pipeline.progress import on_terminal, sweep_callback, trial_count
@@ -199,15 +199,15 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
     workers = 1 if single else sweep.num_workers
     batch_key = "sweep.space.batch_size" if "batch_size" in sweep.space else "train.batch_size"
     for batch_size in sweep.candidate_values().get("batch_size", [cfg.train.batch_size]):
-        cluster.check_batch(int(batch_size), workers, len(arrays["x_train"]), batch_key=batch_key,
+        resources.check_batch(int(batch_size), workers, len(arrays["x_train"]), batch_key=batch_key,
                             workers_key="sweep.num_workers", per_worker=cfg.train.batch_scaling == "per_worker")
     uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
     nodes = cluster.start(cfg)
-    use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
+    use_gpu = resources.resolve_use_gpu(cfg.ray.use_gpu, nodes)
     # A data-parallel trial holds a token CPU share beside its TorchTrainer's workers; the others train themselves.
     # sweep.trials_per_gpu one-worker trials share each GPU (Ray's fractional resources).
-    share = {"CPU": 1.0, "GPU": sweep.gpu_share * use_gpu} if single else {"CPU": cluster.TRIAL_CPU_SHARE}
-    concurrent = cluster.check_resources(cfg, nodes, workers=0 if single else workers, use_gpu=use_gpu,
+    share = {"CPU": 1.0, "GPU": sweep.gpu_share * use_gpu} if single else {"CPU": resources.TRIAL_CPU_SHARE}
+    concurrent = resources.check_resources(cfg, nodes, workers=0 if single else workers, use_gpu=use_gpu,
                                          key="ray.use_gpu" if single else "sweep.num_workers", trial=share,
                                          trials=sweep.max_concurrent_trials)
     if concurrent < sweep.max_concurrent_trials:

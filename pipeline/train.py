@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cluster, driver, tracking
+from pipeline import cluster, driver, resources, tracking
 from pipeline.config import Config, ModelConfig
 from pipeline.loop import fit, read_status, storage_path
 from pipeline.modeling import build_generator_and_discriminator
@@ -58,12 +58,12 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
         _check_batch(cfg, len(arrays["x_train"]))
     uri, storage = tracking.tracking_uri(cfg, root), storage_path(cfg, root)
     nodes = cluster.start(cfg)
-    use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
+    use_gpu = resources.resolve_use_gpu(cfg.ray.use_gpu, nodes)
     if auto_workers:  # from here on, the run's config holds the number of workers it runs
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(
-            update={"num_workers": cluster.resolve_num_workers(cfg, nodes, use_gpu)})})
+            update={"num_workers": resources.resolve_num_workers(cfg, nodes, use_gpu)})})
         _check_batch(cfg, len(arrays["x_train"]))
-    cluster.check_resources(cfg, nodes, workers=cfg.ray.num_workers, use_gpu=use_gpu, key="ray.num_workers")
+    resources.check_resources(cfg, nodes, workers=cfg.ray.num_workers, use_gpu=use_gpu, key="ray.num_workers")
     clock.lap("ray_start_s")  # with loading the arrays and the batch and resource checks
     cluster.check_shared(uri, storage, nodes)
     inputs = cluster.put_inputs(dataset, root, arrays)
@@ -97,7 +97,7 @@ def run(cfg: Config, dataset: str, root: Path = Path("."), fresh: bool = False) 
 
 
 def _check_batch(cfg: Config, train_images: int) -> None:
-    cluster.check_batch(cfg.train.batch_size, cfg.ray.num_workers, train_images,
+    resources.check_batch(cfg.train.batch_size, cfg.ray.num_workers, train_images,
                         per_worker=cfg.train.batch_scaling == "per_worker")
 
 

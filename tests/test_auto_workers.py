@@ -6,8 +6,8 @@ import pytest
 import ray
 
 from helpers import project_params
-from pipeline import cluster
-from pipeline.cluster import Node
+from pipeline import cluster, resources
+from pipeline.resources import Node
 from pipeline.config import validate
 
 
@@ -18,10 +18,10 @@ def test_auto_is_one_worker_per_gpu_of_a_real_local_ray(gpus, capsys):
     ray.init(address="local", num_cpus=1, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     try:
         nodes = cluster.alive_nodes()
-        use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, nodes)
-        workers = cluster.resolve_num_workers(cfg, nodes, use_gpu)
+        use_gpu = resources.resolve_use_gpu(cfg.ray.use_gpu, nodes)
+        workers = resources.resolve_num_workers(cfg, nodes, use_gpu)
         assert use_gpu and workers == gpus
-        assert cluster.check_resources(cfg, nodes, workers=workers, use_gpu=use_gpu, key="ray.num_workers") == 1
+        assert resources.check_resources(cfg, nodes, workers=workers, use_gpu=use_gpu, key="ray.num_workers") == 1
     finally:
         ray.shutdown()
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ray.num_workers")]
@@ -45,4 +45,4 @@ def test_auto_caps_and_splits_the_batch_evenly(overrides, nodes, use_gpu, expect
     for key, value in overrides.items():
         section, leaf = key.split(".")
         params[section][leaf] = value
-    assert cluster.resolve_num_workers(validate(params), nodes, use_gpu) == expected
+    assert resources.resolve_num_workers(validate(params), nodes, use_gpu) == expected

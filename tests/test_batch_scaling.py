@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import project_params
-from pipeline import cluster
-from pipeline.cluster import ClusterError
+from pipeline import resources
+from pipeline.resources import ClusterError
 from pipeline.config import ConfigError, validate
 
 
@@ -24,9 +24,9 @@ def test_each_workers_batch_follows_the_rule():
 
 def test_the_batch_check_knows_the_rule():
     with pytest.raises(ClusterError, match="train.batch_size = 63 cannot be split evenly over ray.num_workers = 2"):
-        cluster.check_batch(63, 2, 300)
-    cluster.check_batch(63, 2, 300, per_worker=True)  # nothing to split: each worker trains at 63
+        resources.check_batch(63, 2, 300)
+    resources.check_batch(63, 2, 300, per_worker=True)  # nothing to split: each worker trains at 63
     with pytest.raises(ClusterError, match="gives each of the 2 workers 200 samples per step, more than its shard "
                                            "of 150"):
-        cluster.check_batch(200, 2, 300, per_worker=True)
-    cluster.check_batch(200, 2, 300)  # split: 100 each
+        resources.check_batch(200, 2, 300, per_worker=True)
+    resources.check_batch(200, 2, 300)  # split: 100 each

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from helpers import project_params
-from pipeline import cluster
-from pipeline.cluster import ClusterError, Node
+from pipeline import cluster, resources
+from pipeline.resources import ClusterError, Node
 from pipeline.config import validate
 
 CPU = {"CPU": 1.0}
@@ -21,28 +21,28 @@ def nodes(*cpus: float, gpus: float = 0) -> list[Node]:
 
 def test_concurrent_capacity_counts_the_trial_share_beside_its_workers():
     two_small = nodes(1, 1)
-    assert cluster.concurrent_capacity(two_small, 2, CPU, limit=4) == 1
+    assert resources.concurrent_capacity(two_small, 2, CPU, limit=4) == 1
     # The 0.01-CPU trial token leaves 0.99 CPU on its node: a 2-worker trial can never be placed.
-    assert cluster.concurrent_capacity(two_small, 2, CPU, {"CPU": 0.01}, limit=4) == 0
-    assert cluster.concurrent_capacity(two_small, 1, CPU, {"CPU": 0.01}, limit=4) == 1
-    assert cluster.concurrent_capacity(nodes(4, 4), 2, CPU, {"CPU": 0.01}, limit=8) == 3
-    assert cluster.concurrent_capacity(nodes(8, gpus=2), 2, {"GPU": 1.0}, limit=8) == 1
-    assert cluster.concurrent_capacity(nodes(8, 8), 1, {"GPU": 1.0}, limit=8) == 0
+    assert resources.concurrent_capacity(two_small, 2, CPU, {"CPU": 0.01}, limit=4) == 0
+    assert resources.concurrent_capacity(two_small, 1, CPU, {"CPU": 0.01}, limit=4) == 1
+    assert resources.concurrent_capacity(nodes(4, 4), 2, CPU, {"CPU": 0.01}, limit=8) == 3
+    assert resources.concurrent_capacity(nodes(8, gpus=2), 2, {"GPU": 1.0}, limit=8) == 1
+    assert resources.concurrent_capacity(nodes(8, 8), 1, {"GPU": 1.0}, limit=8) == 0
 
 
 def test_check_resources_names_the_key_and_the_nodes():
     cfg = validate(project_params())
     with pytest.raises(ClusterError) as info:
-        cluster.check_resources(cfg, nodes(1, 1), workers=2, use_gpu=False, key="sweep.num_workers",
+        resources.check_resources(cfg, nodes(1, 1), workers=2, use_gpu=False, key="sweep.num_workers",
                                 trial={"CPU": 0.01})
     message = str(info.value)
     assert message.startswith("params.yaml: sweep.num_workers: a run needs 2 worker(s) of 1 CPU plus the Tune "
                               "trial's own 0.01 CPU")
     assert "10.0.0.1" in message and "10.0.0.2" in message and "ray.autoscale: true" in message
-    assert cluster.check_resources(cfg, nodes(1, 1), workers=1, use_gpu=False, key="k", trial={"CPU": 0.01},
+    assert resources.check_resources(cfg, nodes(1, 1), workers=1, use_gpu=False, key="k", trial={"CPU": 0.01},
                                    trials=2) == 1
     autoscaling = validate(project_params(ray={"autoscale": True}))
-    assert cluster.check_resources(autoscaling, nodes(1), workers=8, use_gpu=True, key="k", trials=3) == 3
+    assert resources.check_resources(autoscaling, nodes(1), workers=8, use_gpu=True, key="k", trials=3) == 3
 
 
 @pytest.mark.parametrize("batch, workers, images, message", [
@@ -52,12 +52,12 @@ def test_check_resources_names_the_key_and_the_nodes():
 ])
 def test_check_batch(batch, workers, images, message):
     with pytest.raises(ClusterError, match=message.replace("(", r"\(")):
-        cluster.check_batch(batch, workers, images)
+        resources.check_batch(batch, workers, images)
 
 
 def test_check_batch_accepts_an_even_split():
-    cluster.check_batch(64, 2, 300)
-    cluster.check_batch(150, 1, 150)
+    resources.check_batch(64, 2, 300)
+    resources.check_batch(150, 1, 150)
 
 
 def test_sqlite_store_is_refused_only_on_a_multi_node_cluster():

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from helpers import REPO_ROOT, synthetic_idx_files, tool_env
-from pipeline import cluster
-from pipeline.cluster import ClusterError, Node
+from pipeline import cluster, resources
+from pipeline.resources import ClusterError, Node
 from pipeline.config import validate
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -69,9 +69,9 @@ def test_a_gpu_run_asks_ray_for_a_gpu_and_fails_where_it_sees_none():
     params["ray"]["num_workers"] = 1
     cfg = validate(params)
     cpus_only = [Node("0" * 56, "10.0.0.1", {"CPU": 16.0})]
-    use_gpu = cluster.resolve_use_gpu(cfg.ray.use_gpu, cpus_only)
+    use_gpu = resources.resolve_use_gpu(cfg.ray.use_gpu, cpus_only)
     with pytest.raises(ClusterError, match="set ray.use_gpu: false"):
-        cluster.check_resources(cfg, cpus_only, workers=1, use_gpu=use_gpu, key="ray.num_workers")
+        resources.check_resources(cfg, cpus_only, workers=1, use_gpu=use_gpu, key="ray.num_workers")
 
 
 @pytest.fixture

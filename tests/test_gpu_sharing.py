@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from helpers import project_params
-from pipeline import cluster, gpu_share, tracking
-from pipeline.cluster import Node
+from pipeline import cluster, gpu_share, resources, tracking
+from pipeline.resources import Node
 from pipeline.config import ConfigError, validate
 from pipeline.sweep import results_table
 
@@ -56,7 +56,7 @@ def test_trials_per_gpu_sets_each_trials_share_and_refuses_data_parallel_trials(
 def test_the_resource_check_counts_fractional_gpu_shares(capsys, gpus, cpus, per_gpu, limit, at_once, says):
     cfg = sweep_cfg(trials_per_gpu=per_gpu)
     share = {"CPU": 1.0, "GPU": cfg.sweep.gpu_share}
-    assert cluster.check_resources(cfg, gpu_nodes(gpus, cpus), workers=0, use_gpu=True, key="ray.use_gpu",
+    assert resources.check_resources(cfg, gpu_nodes(gpus, cpus), workers=0, use_gpu=True, key="ray.use_gpu",
                                    trial=share, trials=limit) == at_once
     assert says in capsys.readouterr().out
 
@@ -105,7 +105,7 @@ def test_trials_share_one_declared_gpu_at_once_and_an_oom_trial_fails_alone(tmp_
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="warning",
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     try:
-        at_once = cluster.check_resources(cfg, cluster.alive_nodes(), workers=0, use_gpu=True, key="ray.use_gpu",
+        at_once = resources.check_resources(cfg, cluster.alive_nodes(), workers=0, use_gpu=True, key="ray.use_gpu",
                                           trial=share, trials=cfg.sweep.max_concurrent_trials)
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(stand_in_trial, folder=str(folder), share=share["GPU"]),
