@@ -220,7 +220,7 @@ def test_every_recipes_command_shown_names_rows_that_exist_with_valid_settings(p
 
 
 def test_the_pages_show_recipes_commands():
-    assert len(RECIPES) >= 5
+    assert len(RECIPES) >= 3
 
 
 # ---------------------------------------------------------------- benchmark commands write outside the repository
@@ -337,3 +337,19 @@ def test_every_page_the_code_names_exists():
             if not found:
                 missing.append(f"{source.relative_to(REPO_ROOT)}: {ref}")
     assert not missing, missing
+
+
+# ---------------------------------------------------------------- figures tables rendered from JSON
+
+
+def test_every_figures_table_is_what_its_json_renders_to():
+    """A table between `<!-- table: name -->` markers is docs/tables.py's rendering of its committed JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("doc_tables", REPO_ROOT / "docs" / "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    pages = sorted((REPO_ROOT / "docs").glob("*.md"))
+    assert sum(len(tables.BLOCK.findall(page.read_text())) for page in pages) >= 2
+    stale = [item for page in pages for item in tables.stale_blocks(page)]
+    assert not stale, f"run `python docs/tables.py`: {stale}"
