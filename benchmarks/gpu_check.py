@@ -11,7 +11,7 @@ Writes one JSON file (sections are saved as they finish) and prints a summary:
   4. peak GPU memory of each section.
 
     python benchmarks/gpu_check.py --data-root DIR [--datasets mnist fashion_mnist] [--epochs 3]
-        [--long-epochs 20] [--out gpu_check.json]
+        [--long-epochs 20] --out OUT/gpu_check.json
 
 DIR holds one folder per dataset with its four IDX .gz files (a ``data.mirrors`` folder).
 """
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--iterations", type=int, default=200, help="graph-vs-eager iterations")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of the script")
-    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--out", type=Path, required=True, help="the JSON to write, outside the repository")
     args = parser.parse_args()
 
     device = torch.device(args.device)

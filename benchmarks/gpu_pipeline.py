@@ -1,8 +1,8 @@
 """The real pipeline on one GPU in one command: its stages, train, the engine alone, shared sweeps, the data-parallel
 graph, export.
 
-    python benchmarks/gpu_pipeline.py --data DIR [--out /tmp/ganpipe-gpu] [--json gpu_pipeline.json]
-    python benchmarks/gpu_pipeline.py --data DIR --device cpu --smoke     # a few minutes on CPU: is it whole?
+    python benchmarks/gpu_pipeline.py --data DIR --json OUT/gpu_pipeline.json [--out /tmp/ganpipe-gpu]
+    python benchmarks/gpu_pipeline.py --data DIR --json OUT/smoke.json --device cpu --smoke  # a few minutes on CPU: is it whole?
 
 DIR holds MNIST's four IDX .gz files. On a GPU machine without a package index,
 ``benchmarks/gpu_pipeline.sh`` unpacks the dependency bundle and checks its imports first (docs/gpu.md).
@@ -299,7 +299,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a folder with MNIST's four IDX .gz files")
     parser.add_argument("--out", type=Path, default=Path("/tmp/ganpipe-gpu"), help="scratch folder (must not exist)")
-    parser.add_argument("--json", type=Path, default=Path("gpu_pipeline.json"))
+    parser.add_argument("--json", type=Path, required=True, help="the JSON to write, outside the repository")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget: 2000 images, DCGAN-8, 2 trials")
     parser.add_argument("--smoke-epochs", type=int, default=2, help="the smoke's train epochs")

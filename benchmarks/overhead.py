@@ -9,7 +9,7 @@ measures, in one run and at equal threads (one CPU worker, one torch thread):
 2. `ganpipe train` (a subprocess, as DVC runs it), its seconds split by the report's ``timings``;
 3. a sweep of --trials one-epoch-budget trials against --trials times the engine alone.
 
-    python benchmarks/overhead.py --data ../shared/data/mnist --out /tmp/ganpipe-overhead
+    python benchmarks/overhead.py --data DATA_DIR/mnist --out /tmp/ganpipe-overhead
 
 Targets: train costs at most 15% + 20 s over the engine alone; a sweep trial at most 5 s
 beyond its training.

@@ -5,7 +5,7 @@ on the 2k, then scores three stand-in generators against the 2k with
 ``gan.metrics.reference_scores``: replayed real train images (the floor), uniform
 noise and single-class replay (ceilings). Prints a markdown table.
 
-    python benchmarks/quality_floor.py [--data DIR] [--n 2000] [--epochs 10] [--device cpu] [--threads 1]
+    python benchmarks/quality_floor.py --data DATA_DIR/mnist [--n 2000] [--epochs 10] [--device cpu] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import torch
 from gan.data import idx_file_name, load_idx_split
 from gan.metrics import reference_scores, train_evaluator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "mnist-t10k"
 LABELS = {"real_vs_real": "real train vs test (floor)", "noise": "uniform noise (ceiling)",
           "single_class": "class 0 only (ceiling)"}
 
@@ -42,8 +40,8 @@ def markdown_table(scores: dict[str, dict[str, float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, e.g. DATA_DIR/mnist")
     parser.add_argument("--train-size", type=int, default=8000)
     parser.add_argument("--n", type=int, default=2000, help="samples per stand-in generator")
     parser.add_argument("--epochs", type=int, default=10)

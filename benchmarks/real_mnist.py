@@ -9,7 +9,7 @@ epochs by calling the engine directly and prints the wall-time ratio.
 With --sweep-trials N it then runs `dvc repro sweep` (ASHA, N trials, the same
 epoch budget) on the same data and prints the best config next to the default.
 
-    python benchmarks/real_mnist.py [--data ../shared/data/mnist-t10k] [--epochs 5] [--workers 1] [--sweep-trials 6]
+    python benchmarks/real_mnist.py --data DATA_DIR/mnist [--epochs 5] [--workers 1] [--sweep-trials 6]
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def direct_run(repo: Path, params: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist-t10k")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="a folder with MNIST's t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, e.g. DATA_DIR/mnist")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--channels", type=int, default=32)

@@ -1,6 +1,6 @@
 """Weak scaling on CPU workers: `ganpipe train` with 1 and 2 Ray workers at the same per-worker batch.
 
-    python benchmarks/scaling.py --data ../shared/data/mnist --out /tmp/ganpipe-scaling
+    python benchmarks/scaling.py --data DATA_DIR/mnist --out /tmp/ganpipe-scaling
 
 Three runs on the same real-MNIST subset, equal epochs: one worker at batch B; two workers with
 ``train.batch_scaling: per_worker`` (B each, global 2B: the rule docs/gpu.md recommends on GPUs);

@@ -6,7 +6,7 @@ a user would, and prints the ranked trials and the `benchmarks/recipes.py` comma
 that scores the sweep's best against the default and the presets at the same
 budget (the same subset and epochs):
 
-    python benchmarks/sweep_realdata.py --data ../shared/data/mnist --out /tmp/ganpipe-sweep
+    python benchmarks/sweep_realdata.py --data DATA_DIR/mnist --out /tmp/ganpipe-sweep
 """
 
 from __future__ import annotations

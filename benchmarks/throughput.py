@@ -30,7 +30,6 @@ from gan.engine import EngineConfig, GANTrainer  # noqa: E402
 from gan.models import build_models  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
-DEFAULT_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist-t10k" / "t10k-images-idx3-ubyte.gz"
 EPOCH_IMAGES = 60_000
 TARGETS = {64: 50_000, 512: 150_000}  # (c) on one H100, img/s
 LATENT_DIM = 100
@@ -38,13 +37,13 @@ LATENT_DIM = 100
 
 def load_images(path: str | None) -> tuple[np.ndarray, str]:
     """(N, 28, 28) uint8 images and where they came from."""
-    source = Path(path) if path else DEFAULT_MNIST
-    if source.exists():
-        return read_idx(source, expect_ndim=3), str(source)
     if path:
-        raise SystemExit(f"--data {path}: no such file")
+        source = Path(path)
+        if not source.exists():
+            raise SystemExit(f"--data {path}: no such file")
+        return read_idx(source, expect_ndim=3), str(source)
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (10_000, 28, 28), dtype=np.uint8), "synthetic random uint8 (no MNIST found)"
+    return rng.integers(0, 256, (10_000, 28, 28), dtype=np.uint8), "synthetic random uint8 (no --data given)"
 
 
 class TutorialDataset(torch.utils.data.Dataset):
@@ -138,7 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 200 on CUDA, 5 on CPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 30 on CUDA, 1 on CPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
-    parser.add_argument("--data", help="an IDX images file (default: ../shared MNIST t10k if present)")
+    parser.add_argument("--data", help="an IDX images file, e.g. DATA_DIR/mnist/t10k-images-idx3-ubyte.gz (default: random images)")
     parser.add_argument("--loader-workers", type=int, help="DataLoader workers for (a) (default: 2 on CUDA, 0 on CPU)")
     args = parser.parse_args()
 

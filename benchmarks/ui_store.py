@@ -5,7 +5,7 @@ real training digits and the full real test split, then runs the real
 `dvc repro train@mnist` and `dvc repro sweep` (ASHA over lr_g, lr_d and d_steps).
 Point the browser test at it to refresh docs/ui-*.png:
 
-    python benchmarks/ui_store.py --data ../shared/data/mnist --out /tmp/ganpipe-ui
+    python benchmarks/ui_store.py --data DATA_DIR/mnist --out /tmp/ganpipe-ui
     GANPIPE_UI_STORE=/tmp/ganpipe-ui GANPIPE_UPDATE_DOCS=1 python -m pytest tests/test_ui.py
 
 The defaults (12k digits, DCGAN-32, 4 epochs, 4 trials of up to 2 epochs, 1 CPU
@@ -38,8 +38,8 @@ def store_params(mirror: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist",
-                        help="a folder with the four real MNIST .gz files")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="a folder with the four real MNIST .gz files, e.g. DATA_DIR/mnist")
     parser.add_argument("--out", type=Path, required=True, help="the repository to create (must not exist)")
     parser.add_argument("--train-images", type=int, default=12_000)
     parser.add_argument("--epochs", type=int, default=4)

@@ -82,10 +82,10 @@ def test_every_relative_link_points_to_a_file_and_heading_that_exist(page):
 
 def test_the_readme_is_a_door_with_the_test_command_and_a_link_per_topic():
     readme = (REPO_ROOT / "README.md").read_text()
-    assert len(readme.splitlines()) <= 250
+    assert len(readme.splitlines()) <= 150
     assert "make test" in shell_lines(readme)  # CI runs the README's test command
     for topic in ("cluster", "tracking", "sweeps", "resume", "quality", "benchmarks", "recipes", "testing",
-                  "gpu", "conditional", "tracking-outages"):
+                  "gpu", "conditional", "tracking-outages", "architecture", "errors", "dvc-mlflow-ray"):
         assert f"](docs/{topic}.md)" in readme, topic
 
 
@@ -115,6 +115,38 @@ def test_every_ganpipe_command_shown_parses_with_the_cli_parser(page, line):
             build_parser().parse_args(shlex.split(line, comments=True)[1:])
         except SystemExit:
             pytest.fail(f"{page}: `{line}` does not parse: {errors.getvalue().strip().splitlines()[-1]}")
+
+
+def dvc_commands() -> list[tuple[str, str]]:
+    out = []
+    for page in PAGES:
+        for line in shell_lines(page.read_text()):
+            words = shlex.split(line, comments=True)
+            while "&&" in words:  # each command of `a && b`
+                words = words[words.index("&&") + 1:]
+            if words and Path(words[0]).name == "dvc":
+                out.append((page_id(page), shlex.join(words)))
+    return out
+
+
+DVC_COMMANDS = dvc_commands()
+
+
+def test_the_pages_show_the_dvc_experiment_loop_and_a_remote():
+    shown = {" ".join(shlex.split(line)[1:3]) for _, line in DVC_COMMANDS}
+    assert {"remote add", "exp show", "exp apply", "exp branch", "metrics diff"} <= shown, shown
+
+
+@pytest.mark.parametrize("page,line", DVC_COMMANDS, ids=[f"{page}: {line[:60]}" for page, line in DVC_COMMANDS])
+def test_every_dvc_command_shown_parses_with_dvcs_parser(page, line):
+    from dvc.cli import DvcParserError, parse_args
+
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        try:
+            parse_args(shlex.split(line)[1:])
+        except (SystemExit, DvcParserError):
+            pytest.fail(f"{page}: `{line}` does not parse: {errors.getvalue().strip().splitlines()[-1:]}")
 
 
 def overrides_in(text: str) -> list[str]:
@@ -188,7 +220,63 @@ def test_every_recipes_command_shown_names_rows_that_exist_with_valid_settings(p
 
 
 def test_the_pages_show_recipes_commands():
-    assert len(RECIPES) >= 5
+    assert len(RECIPES) >= 3
+
+
+# ---------------------------------------------------------------- benchmark commands write outside the repository
+
+# Each benchmark's options that name what it writes; a script not listed writes nothing but its output on the console.
+WRITES = {"recipes.py": ["--out-dir"], "gpu_check.py": ["--out"], "gpu_pipeline.py": ["--json", "--out"],
+          "overhead.py": ["--out"], "scaling.py": ["--out"], "sweep_realdata.py": ["--out"], "ui_store.py": ["--out"],
+          "spool_outage.py": ["--out"]}
+PRINTS_ONLY = {"throughput.py", "real_mnist.py", "quality_floor.py", "gpu_pipeline.sh"}
+
+
+def benchmark_commands() -> list[tuple[str, str]]:
+    return [(page_id(page), line.strip()) for page in PAGES for line in shell_lines(page.read_text())
+            if re.search(r"benchmarks/\w+\.(py|sh)\b", line)]
+
+
+BENCHMARKS = benchmark_commands()
+
+
+def outside_the_repository(value: str) -> bool:
+    """A placeholder (OUT, $OUT, DIR/...) or an absolute path that is not inside the project."""
+    if re.match(r"\$?[A-Z][A-Z_]*\b", value):
+        return True
+    path = Path(value)
+    return path.is_absolute() and REPO_ROOT.resolve() not in path.resolve().parents
+
+
+@pytest.mark.parametrize("page,line", BENCHMARKS, ids=[f"{page}: {line[:60]}" for page, line in BENCHMARKS])
+def test_every_benchmark_command_shown_writes_outside_the_repository(page, line):
+    words = shlex.split(line, comments=True)
+    script = next(Path(word).name for word in words if re.match(r"benchmarks/\w+\.(py|sh)$", word))
+    assert script in WRITES or script in PRINTS_ONLY, f"{page}: {script}: say what it writes (WRITES or PRINTS_ONLY)"
+    for option in WRITES.get(script, []):
+        if option == "--out" and script == "gpu_pipeline.py" and option not in words:
+            continue  # its scratch folder defaults to /tmp
+        assert option in words, f"{page}: `{line}` does not name {option}: it would write into the repository"
+        value = words[words.index(option) + 1]
+        assert outside_the_repository(value), f"{page}: `{line}`: {option} {value} is inside the repository"
+
+
+def test_the_pages_show_benchmark_commands():
+    assert len(BENCHMARKS) >= 5
+
+
+OUTPUT_OPTIONS = [(script, option) for script, options in WRITES.items() for option in options
+                  if (script, option) != ("gpu_pipeline.py", "--out")]  # its scratch folder defaults to /tmp
+
+
+@pytest.mark.parametrize("script,option", [
+    pytest.param(script, option, marks=pytest.mark.xfail(reason="recipes.py's --out-dir still defaults to docs/"))
+    if script == "recipes.py" else (script, option) for script, option in OUTPUT_OPTIONS])
+def test_no_benchmark_writes_into_the_repository_by_default(script, option):
+    """Every output option of a benchmark is required: run without it, the script stops before it writes."""
+    found = re.search(rf"add_argument\(\"{option}\"[^)]*\)", (REPO_ROOT / "benchmarks" / script).read_text())
+    assert found, f"{script}: no {option}"
+    assert "required=True" in found.group(0), f"{script}: {option} has a default"
 
 
 # ---------------------------------------------------------------- make demo
@@ -249,3 +337,19 @@ def test_every_page_the_code_names_exists():
             if not found:
                 missing.append(f"{source.relative_to(REPO_ROOT)}: {ref}")
     assert not missing, missing
+
+
+# ---------------------------------------------------------------- figures tables rendered from JSON
+
+
+def test_every_figures_table_is_what_its_json_renders_to():
+    """A table between `<!-- table: name -->` markers is docs/tables.py's rendering of its committed JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("doc_tables", REPO_ROOT / "docs" / "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    pages = sorted((REPO_ROOT / "docs").glob("*.md"))
+    assert sum(len(tables.BLOCK.findall(page.read_text())) for page in pages) >= 2
+    stale = [item for page in pages for item in tables.stale_blocks(page)]
+    assert not stale, f"run `python docs/tables.py`: {stale}"
