@@ -267,7 +267,7 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
             [setup["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
         # Distinct epochs: a PBT trial that exploits another's checkpoint logs some epochs again.
-        epochs_trained = {run_id: len({m.step for m in client.get_metric_history(run_id, "quality/fid")})
+        epochs_trained = {run_id: len({m.step for m in client.get_metric_history(run_id, f"quality/{sweep.metric}")})
                           for run_id in children.values()}
         table = results_table(results, cfg, children, epochs_trained)
         if study_storage is not None:
