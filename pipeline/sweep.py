@@ -319,7 +319,8 @@ def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
     best_vs_worst(table, paths["grid"])
     epochs_run = table["epochs_run"].sum()
     summary = {
-        "dataset": cfg.sweep_dataset, "metric": sweep.metric, "mode": sweep.mode, f"best_{sweep.metric}": float(best[sweep.metric]),
+        "dataset": cfg.sweep_dataset, "metric": sweep.metric, "mode": sweep.mode,
+        f"best_{sweep.metric}": float(best[sweep.metric]),
         "best_trial_id": best["trial_id"], "best_mlflow_run_id": best["mlflow_run_id"], "trials": len(table),
         "stopped_early": int((table["status"] == "stopped_early").sum()),
         "diverged": int((table["status"] == "diverged").sum()), "failed": int((table["status"] == "failed").sum()),
