@@ -267,7 +267,7 @@ def run(cfg: Config, root: Path = Path("."), fresh: bool = False) -> pd.DataFram
         children = {run.data.tags.get("ray.trial_id"): run.info.run_id for run in client.search_runs(
             [setup["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
         # Distinct epochs: a PBT trial that exploits another's checkpoint logs some epochs again.
-        epochs_trained = {run_id: len({m.step for m in client.get_metric_history(run_id, "quality/fid")})
+        epochs_trained = {run_id: len({m.step for m in client.get_metric_history(run_id, f"quality/{sweep.metric}")})
                           for run_id in children.values()}
         table = results_table(results, cfg, children, epochs_trained)
         if study_storage is not None:
@@ -319,7 +319,8 @@ def _write_outputs(cfg: Config, table: pd.DataFrame, root: Path) -> dict:
     best_vs_worst(table, paths["grid"])
     epochs_run = table["epochs_run"].sum()
     summary = {
-        "dataset": cfg.sweep_dataset, "metric": sweep.metric, "mode": sweep.mode, f"best_{sweep.metric}": float(best[sweep.metric]),
+        "dataset": cfg.sweep_dataset, "metric": sweep.metric, "mode": sweep.mode,
+        f"best_{sweep.metric}": float(best[sweep.metric]),
         "best_trial_id": best["trial_id"], "best_mlflow_run_id": best["mlflow_run_id"], "trials": len(table),
         "stopped_early": int((table["status"] == "stopped_early").sum()),
         "diverged": int((table["status"] == "diverged").sum()), "failed": int((table["status"] == "failed").sum()),

@@ -263,6 +263,7 @@ def test_gaussian1d_pipeline_learns_the_distribution(tmp_path):
     run_cmd(["dvc", "repro"], repo)
     swept = pd.read_csv(repo / "sweep/results.csv")
     assert len(swept) == 1 and swept["wasserstein"].between(0, 10).all(), swept
+    assert list(swept["epochs_run"]) == [1]  # counted on the sweep's own metric
     summary = json.loads((repo / "metrics/gaussian1d/train.json").read_text())
     assert abs(summary["mean"] - 4.0) < 0.3 and abs(summary["std"] - 0.5) < 0.25, summary
     assert summary["wasserstein"] < 0.3
