@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scratch import REPO, project_params, run, scratch_repo, subset_mirror  # benchmarks/ is on sys.path
+from scratch import project_params, run, scratch_repo, subset_mirror  # benchmarks/ is on sys.path
 
 
 def store_params(mirror: Path, args) -> dict:
