@@ -97,8 +97,7 @@ def table(results: dict[str, dict], stick, epochs: int) -> str:
     early = first[0]["epoch"] if len(first) > 1 else None
     header = ["row"] + ([f"FID @{early} ep"] if early else []) + [
         "FID", "KID", "IS", "coverage", "class KL", "precision", "recall", "recall in class", "cond acc",
-        "floor FID", "wall s",
-        "img/s"]
+        "floor FID", "wall s", "img/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, result in sorted(results.items(), key=lambda item: item[1]["scores"][-1]["fid"]):
         last = result["scores"][-1]
