@@ -20,6 +20,8 @@ from gan.metrics import EvaluatorNet, RealReference, evaluate, real_reference, r
 from gan.models import build_models
 
 QUALITY_KEYS = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall")
+# Conditional rows also keep these, and the floor has them from replaying each class's train images.
+CLASS_KEYS = ("cond_accuracy", "precision_within_class", "recall_within_class")
 CLASSES = 10  # MNIST and Fashion-MNIST: what a conditional row is conditioned on
 
 
@@ -52,7 +54,8 @@ def yardstick(folder: Path, evaluator_params: dict, device: torch.device, n: int
     seconds = time.perf_counter() - started
     ends = reference_scores(evaluator, x_train, x_test, y_test, n=n, device=device, real_train_labels=y_train)
     return Yardstick(x_train, y_train, evaluator, real_reference(evaluator, x_test, y_test, device), scores["test_accuracy"],
-                     seconds, {key: ends["real_vs_real"][key] for key in QUALITY_KEYS}, ends["noise"]["fid"])
+                     seconds, {key: ends["real_vs_real"][key] for key in (*QUALITY_KEYS, *CLASS_KEYS)},
+                     ends["noise"]["fid"])
 
 
 def train_and_score(params: dict, stick: Yardstick, device: torch.device, *, epochs: int, score_at: list[int],
@@ -88,7 +91,8 @@ def train_and_score(params: dict, stick: Yardstick, device: torch.device, *, epo
             scores.append({"epoch": epoch, "images_seen": images, "epoch_seconds": result.seconds,
                            "epoch_img_per_s": result.images_per_sec, "eval_seconds": time.perf_counter() - started,
                            **{key: quality[key] for key in QUALITY_KEYS},
-                           **{key: value for key, value in quality.items() if key.startswith(("cond_", "fid_class"))}})
+                           **{key: value for key, value in quality.items()
+                              if key.startswith(("cond_", "fid_class", "recall_class")) or key in CLASS_KEYS}})
     grid = image_grid(trainer.sample(noise=trainer.fixed_noise, labels=trainer.fixed_labels), nrow=8)
     return {"scores": scores, "train_seconds": train_seconds, "img_per_s": images / train_seconds,
             "graph_ran": trainer.use_graph, "graph_fallback_reason": trainer.graph_fallback_reason, "grid": grid}

@@ -4,7 +4,8 @@ Every preset and params.yaml's default (plus any --variant) trains for the same
 number of epochs, so the same number of real images seen, through the engine,
 and is scored by the pipeline's evaluator (trained here on the same data) at
 n samples. Prints one markdown table per dataset and writes, under --out-dir,
-recipes.json (every figure) and recipes-<dataset>.png (each row's samples side by side).
+<name>.json (every figure) and <name>-<dataset>.png (each row's samples side by side;
+--name, default recipes), both rewritten after every row.
 
     python benchmarks/recipes.py --data-root DIR [--datasets mnist fashion_mnist] [--epochs 10]
         [--score-at 2 5] [--eval-samples 10000] [--variant 'name:train.g_ema=0.999;model.spectral_norm=true']
@@ -95,15 +96,16 @@ def table(results: dict[str, dict], stick, epochs: int) -> str:
     first = results[next(iter(results))]["scores"]
     early = first[0]["epoch"] if len(first) > 1 else None
     header = ["row"] + ([f"FID @{early} ep"] if early else []) + [
-        "FID", "KID", "IS", "coverage", "class KL", "precision", "recall", "cond acc", "floor FID", "wall s",
-        "img/s"]
+        "FID", "KID", "IS", "coverage", "class KL", "precision", "recall", "recall in class", "cond acc",
+        "floor FID", "wall s", "img/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, result in sorted(results.items(), key=lambda item: item[1]["scores"][-1]["fid"]):
         last = result["scores"][-1]
         cells = [name] + ([f"{result['scores'][0]['fid']:.2f}"] if early else []) + [
             f"{last['fid']:.2f}", f"{last['kid']:.3f}", f"{last['inception_score']:.2f}",
             f"{last['class_coverage']:.1f}", f"{last['class_kl']:.3f}", f"{last['precision']:.2f}",
-            f"{last['recall']:.2f}", f"{last['cond_accuracy']:.3f}" if "cond_accuracy" in last else "-",
+            f"{last['recall']:.2f}", f"{last['recall_within_class']:.2f}" if "recall_within_class" in last else "-",
+            f"{last['cond_accuracy']:.3f}" if "cond_accuracy" in last else "-",
             f"{stick.floor['fid']:.3f}", f"{result['train_seconds']:.1f}",
             f"{result['img_per_s']:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="change params.yaml for this run (presets still replace the keys they set)")
     parser.add_argument("--only", nargs="*", help="train only these rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs")
+    parser.add_argument("--out-dir", type=Path, required=True, help="folder for <name>.json and the grids")
+    parser.add_argument("--name", default="recipes", help="output files: <name>.json and <name>-<dataset>.png")
     return parser
 
 
@@ -144,7 +147,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     params, plan = plan_of(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    report_path = args.out_dir / "recipes.json"
+    report_path = args.out_dir / f"{args.name}.json"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report = {"device": device_name, "torch": torch.__version__, "epochs": args.epochs,
               "train_images": args.train_images,
@@ -163,14 +166,16 @@ def main() -> None:
             conditional = f", cond acc {last['cond_accuracy']:.4f}" if "cond_accuracy" in last else ""
             print(f"  {name}: FID {last['fid']:.2f}{conditional} in {results[name]['train_seconds']:.1f} s "
                   f"({json.dumps({k: v for k, v in last.items()})})", flush=True)
-        figure(results, dataset, args.out_dir / f"recipes-{dataset}.png")
-        report["datasets"][dataset] = {
-            "evaluator_test_accuracy": stick.test_accuracy, "evaluator_seconds": stick.seconds,
-            "floor": stick.floor, "noise_fid": stick.noise_fid,
-            "rows": {name: {k: v for k, v in result.items() if k != "grid"} for name, result in results.items()},
-            "settings": {name: {"model": p["model"], "train": p["train"]} for name, p in plan.items()},
-        }
-        report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+            # Written after every row: a long CPU run keeps what it measured if it is stopped.
+            figure(results, dataset, args.out_dir / f"{args.name}-{dataset}.png")
+            report["datasets"][dataset] = {
+                "evaluator_test_accuracy": stick.test_accuracy, "evaluator_seconds": stick.seconds,
+                "floor": stick.floor, "noise_fid": stick.noise_fid,
+                "rows": {name: {k: v for k, v in result.items() if k != "grid"} for name, result in results.items()},
+                "settings": {name: {"model": p["model"], "train": p["train"]} for name, p in plan.items()
+                             if name in results},
+            }
+            report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
         tables.append(f"\n{dataset} on {device_name}: {args.epochs} epochs of {len(stick.x_train):,} real images per row, "
                       f"n = {args.eval_samples}; evaluator accuracy {stick.test_accuracy:.4f}\n\n"
                       + table(results, stick, args.epochs))

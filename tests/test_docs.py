@@ -269,9 +269,7 @@ OUTPUT_OPTIONS = [(script, option) for script, options in WRITES.items() for opt
                   if (script, option) != ("gpu_pipeline.py", "--out")]  # its scratch folder defaults to /tmp
 
 
-@pytest.mark.parametrize("script,option", [
-    pytest.param(script, option, marks=pytest.mark.xfail(reason="recipes.py's --out-dir still defaults to docs/"))
-    if script == "recipes.py" else (script, option) for script, option in OUTPUT_OPTIONS])
+@pytest.mark.parametrize("script,option", OUTPUT_OPTIONS)
 def test_no_benchmark_writes_into_the_repository_by_default(script, option):
     """Every output option of a benchmark is required: run without it, the script stops before it writes."""
     found = re.search(rf"add_argument\(\"{option}\"[^)]*\)", (REPO_ROOT / "benchmarks" / script).read_text())
