@@ -47,6 +47,8 @@ def setup_generator_file(folder: Path, kind: str) -> None:
         torch.save(torch.zeros(3), path)
     elif kind == "wrong architecture":
         torch.save({**small_generator_record(latent_dim=16), "model": good["model"]}, path)
+    elif kind == "good":
+        torch.save(good, path)
     elif kind == "older format":
         torch.save({k: v for k, v in good.items() if k not in ("format", "noise")}, path)
 
@@ -85,6 +87,10 @@ CASES = [
      "argument --per-class: 0 is not a positive"),
     ("sample -o without .png", write_params, ["sample", "--dataset", "mnist", "-o", "out"],
      "-o out: name a .png file (e.g. -o out.png)"),
+    ("sample -o where it cannot write", lambda f: (write_params(f), setup_generator_file(f, "good"),
+                                                   (f / "blocker").write_text("a file, not a folder")),
+     ["sample", "--dataset", "mnist", "--checkpoint", "g.pt", "-o", "blocker/x.png"],
+     "-o blocker/x.png: cannot write there"),
     ("sample unknown dataset", write_params, ["sample", "--dataset", "cifar10"],
      "argument --dataset: invalid choice: 'cifar10'"),
     ("sample no generator", write_params, ["sample", "--dataset", "mnist", "-o", "x.png"],
