@@ -187,3 +187,21 @@ def test_a_tracking_server_that_does_not_answer_is_waited_for_in_words(monkeypat
         problem = tracking.probe_tracking_server(uri, {})
     assert problem.startswith("cannot be reached") and "timed out" in problem, problem
     assert capsys.readouterr().out == f"MLflow at {uri} has not answered in 1 s; waiting up to 2 s\n"
+
+
+def test_a_dead_ray_address_is_said_at_once_and_given_up_in_one_line(project, capsys, monkeypatch):
+    """ray.address where nothing listens: the wait is said before it starts, and ends in one line."""
+    import numpy as np
+
+    from pipeline import cluster
+
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 1)
+    write_params(project, **{"ray.address": "127.0.0.1:1", "data.datasets": ["mnist"]})
+    (project / "data" / "processed").mkdir(parents=True)
+    np.savez(project / "data" / "processed" / "mnist.npz", x_train=np.zeros((64, 28, 28), np.uint8),
+             y_train=np.arange(64) % 10, x_test=np.zeros((16, 28, 28), np.uint8), y_test=np.arange(16) % 10)
+    assert exit_code(["train", "--dataset", "mnist"]) == 1
+    captured = capsys.readouterr()
+    assert "ray.address = '127.0.0.1:1': nothing answers at 127.0.0.1:1 yet; waiting up to 1 s" in captured.out
+    assert len(captured.err.splitlines()) == 1 and "Traceback" not in captured.err
+    assert "no Ray cluster answered at 127.0.0.1:1 within 1 s" in captured.err
