@@ -48,7 +48,7 @@ def _mean_over_workers(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-class RayTrainSession:
+class RayTrainWorker:
     """A Ray Train worker's view: its rank, device, DDP wrapping, reports and checkpoints."""
 
     def __init__(self, use_gpu: bool):
@@ -100,18 +100,18 @@ class LoopRun:
 def train_loop(config: dict) -> None:
     """Ray Train's entry on every worker: ``config`` is ``{"run": LoopRun}``."""
     run = config["run"]
-    run_loop(run, RayTrainSession(run.use_gpu))
+    run_loop(run, RayTrainWorker(run.use_gpu))
 
 
-def run_loop(run: LoopRun, session) -> None:
-    """One worker's training: on a Ray Train worker, or in a Tune trial with a single-process session."""
+def run_loop(run: LoopRun, worker) -> None:
+    """One worker's training: on a Ray Train worker, or in a Tune trial that trains in its own process."""
     entered = time.time()  # wall clock: the driver compares it with when it called fit()
     cfg, dataset = run.cfg, run.dataset
-    rank, world, device = session.rank, session.world, session.device
+    rank, world, device = worker.rank, worker.world, worker.device
 
     # Same seed everywhere for equal initial weights; per-rank seeds for noise and shuffling.
     torch.manual_seed(cfg.train.seed)
-    generator, discriminator = map(session.prepare, build_generator_and_discriminator(cfg.model, dataset))
+    generator, discriminator = map(worker.prepare, build_generator_and_discriminator(cfg.model, dataset))
     # Several workers average their gradients in the engine; rank 0's initial weights go everywhere, as DDP did.
     gradient_sync = GradientAllReduce.broadcasting(generator, discriminator) if world > 1 else None
     labelled = conditioning_of(generator).labelled  # the batches carry labels
@@ -123,18 +123,18 @@ def run_loop(run: LoopRun, session) -> None:
                          seed=cfg.train.seed + 1000 * (rank + 1), metric_reducer=_mean_over_workers,
                          gradient_sync=gradient_sync)
     try:
-        _train_epochs(run, session, trainer, batches, entered)
+        _train_epochs(run, worker, trainer, batches, entered)
     finally:
         if trainer.graph is not None:
             trainer.graph.reset()  # before Ray destroys the process group (NCCL 2.26+ hangs otherwise)
 
 
-def _train_epochs(run: LoopRun, session, trainer: GANTrainer, batches: DeviceBatches, entered: float) -> None:
+def _train_epochs(run: LoopRun, worker, trainer: GANTrainer, batches: DeviceBatches, entered: float) -> None:
     cfg, dataset = run.cfg, run.dataset
-    rank, world, device = session.rank, session.world, session.device
+    rank, world, device = worker.rank, worker.world, worker.device
 
     start_epoch, history = 1, History()
-    checkpoint = session.get_checkpoint()
+    checkpoint = worker.get_checkpoint()
     if checkpoint:
         with resume.readable_checkpoint(checkpoint, rank) as (state, folder):  # the one before, if cut short
             trainer.load_state_dict(state["trainer"])
@@ -150,7 +150,7 @@ def _train_epochs(run: LoopRun, session, trainer: GANTrainer, batches: DeviceBat
     if logger and start_epoch > 1:
         logger.resumed(start_epoch - 1)
     if start_epoch > cfg.train.epochs:  # the driver died after the last checkpoint: report it again
-        session.report(state["metrics"], folder=None)
+        worker.report(state["metrics"], folder=None)
         return
     started = time.perf_counter()
     # Where a worker's time goes (rank 0's figures reach the end-of-run report): benchmarks/overhead.py reads them.
@@ -201,9 +201,9 @@ def _train_epochs(run: LoopRun, session, trainer: GANTrainer, batches: DeviceBat
                     history.save(folder)
                     logger.write_outputs(trainer, folder, {**metrics, "reason": reason, "timings": timings,
                                                            "wall_seconds": time.perf_counter() - started})
-                session.report(metrics, folder)
+                worker.report(metrics, folder)
         else:
-            session.report(metrics)
+            worker.report(metrics)
         timings["checkpoints_s"] += time.perf_counter() - reported
         if last:
             break

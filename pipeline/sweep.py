@@ -51,7 +51,7 @@ def trial_config(raw_params: dict, sweep_cfg, sampled: dict) -> Config:
     return validate(apply_overrides(raw_params, overrides))
 
 
-class TuneSession:
+class TuneTrialWorker:
     """A single-process trial: Tune's reports and checkpoints, no DDP."""
 
     rank, world = 0, 1
@@ -103,9 +103,9 @@ def run_trial(sampled: dict, setup: dict) -> None:
         run = LoopRun(cfg, dataset, inputs=setup["inputs"], mlflow_run_id=run_id, tracking_uri=setup["tracking_uri"],
                       spool_root=str(spool.spool_root(setup["storage"])), use_gpu=use_gpu,
                       diverged_metrics=setup["diverged_metrics"], estimate=setup["estimate"])
-        session = TuneSession(use_gpu)
-        with gpu_share.memory_share(session.device, cfg.sweep.gpu_share):
-            run_loop(run, session)
+        worker = TuneTrialWorker(use_gpu)
+        with gpu_share.memory_share(worker.device, cfg.sweep.gpu_share):
+            run_loop(run, worker)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -16,7 +16,7 @@ from torch.cuda._utils import _get_device_index
 
 from gan.graph import CapturedIteration
 from pipeline import gpu_share
-from pipeline.sweep import TuneSession, results_table
+from pipeline.sweep import TuneTrialWorker, results_table
 from pipeline.loop import _device_report
 from test_gpu_sharing import sweep_cfg
 from test_graph_fallback import batches, make_trainer
@@ -83,9 +83,9 @@ class FakeCuda:
 
 def test_a_gpu_trial_takes_device_0_resets_its_peak_and_caps_its_share(monkeypatch):
     cuda = FakeCuda(monkeypatch)
-    session = TuneSession(use_gpu=True)
-    assert session.device == torch.device("cuda", 0)
-    with gpu_share.memory_share(session.device, 0.25):
+    worker = TuneTrialWorker(use_gpu=True)
+    assert worker.device == torch.device("cuda", 0)
+    with gpu_share.memory_share(worker.device, 0.25):
         pass
     assert cuda.calls == [("reset_peak_memory_stats", 0), ("set_per_process_memory_fraction", 0.25, 0)]
 
@@ -101,9 +101,9 @@ def test_a_capture_out_of_memory_fails_the_trial_naming_its_share_instead_of_tra
     cuda = FakeCuda(monkeypatch, oom_at_capture=True)
     trainer = make_trainer()
     trainer.graph = CapturedIteration(trainer)  # the graph path on a CPU trainer: capture is the fake's
-    session = TuneSession(use_gpu=True)
+    worker = TuneTrialWorker(use_gpu=True)
     with pytest.raises(gpu_share.TrialOutOfMemory) as info:
-        with gpu_share.memory_share(session.device, 0.25):
+        with gpu_share.memory_share(worker.device, 0.25):
             trainer.train_epoch(batches())
     assert str(info.value) == ("out of GPU memory within this trial's share, 1/4 of the GPU (20.0 GiB), set by "
                                "sweep.trials_per_gpu: CUDA out of memory. Tried to allocate 64.00 MiB; "
