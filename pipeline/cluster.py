@@ -129,9 +129,6 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-# --------------------------------------------------------------------------- resources
-
-
 def alive_nodes() -> list[Node]:
     import ray
 

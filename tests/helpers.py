@@ -310,3 +310,17 @@ def random_image_batches(n: int, size: int = 16, seed: int = 0) -> list[torch.Te
     pixels = torch.randint(0, 256, (n * size, 1, 28, 28), generator=torch.Generator().manual_seed(seed),
                            dtype=torch.uint8)
     return list(to_unit_range(pixels).split(size))
+
+
+def small_generator_record(**model) -> dict:
+    """A generator record as training writes it, of a small unconditional MLP with ``model`` set over the shipped
+    model section."""
+    from gan.sampling import RECORD_FORMAT
+    from pipeline.config import ModelConfig
+    from pipeline.modeling import build_generator_and_discriminator
+
+    settings = ModelConfig(**{**shipped_params()["model"], "name": "mlp", "hidden": [16], "latent_dim": 8,
+                              "conditional": "none", **model})
+    generator, _ = build_generator_and_discriminator(settings, "mnist")
+    return {"format": RECORD_FORMAT, "state_dict": generator.state_dict(), "model": settings.model_dump(),
+            "noise": "gaussian", "dataset": "mnist"}

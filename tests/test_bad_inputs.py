@@ -13,22 +13,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO_ROOT, shipped_params
-from gan.sampling import RECORD_FORMAT
+from helpers import REPO_ROOT, shipped_params, small_generator_record
 from pipeline import cli
-from pipeline.config import ModelConfig, apply_overrides, load_config
-from pipeline.modeling import build_generator_and_discriminator
+from pipeline.config import apply_overrides, load_config
 
 
-def small_generator_record(**model) -> dict:
-    settings = ModelConfig(**{**shipped_params()["model"], "name": "mlp", "hidden": [16], "latent_dim": 8,
-                              "conditional": "none", **model})
-    generator, _ = build_generator_and_discriminator(settings, "mnist")
-    return {"format": RECORD_FORMAT, "state_dict": generator.state_dict(), "model": settings.model_dump(),
-            "noise": "gaussian", "dataset": "mnist"}
-
-
-def write_params(folder: Path, text: str | None = None, **overrides) -> None:
+def put_params(folder: Path, text: str | None = None, **overrides) -> None:
     params = apply_overrides(shipped_params(), overrides)
     (folder / "params.yaml").write_text(text if text is not None else yaml.safe_dump(params, sort_keys=False))
 
@@ -64,48 +54,48 @@ PRESETS = {"bad-yaml": "train: {lr_g: [1, 2\n", "unknown-key": "train:\n  lr_gg:
 
 # (id, setup of the project folder, CLI arguments, what the one line must say)
 CASES = [
-    ("lr is inf", lambda f: write_params(f, **{"train.lr_g": float("inf")}), ["train", "--dataset", "mnist"],
+    ("lr is inf", lambda f: put_params(f, **{"train.lr_g": float("inf")}), ["train", "--dataset", "mnist"],
      "train.lr_g = inf is invalid: Input should be a finite number"),
-    ("sweep bound inf", lambda f: write_params(f, **{"sweep.space": {"lr_g": {"loguniform": [1e-4, float("inf")]}}}),
+    ("sweep bound inf", lambda f: put_params(f, **{"sweep.space": {"lr_g": {"loguniform": [1e-4, float("inf")]}}}),
      ["sweep"], "sweep.space.lr_g.loguniform: needs [low, high] of finite numbers"),
-    ("yaml tab", lambda f: write_params(f, "train:\n\tlr_g: 1\n"), ["train", "--dataset", "mnist"],
+    ("yaml tab", lambda f: put_params(f, "train:\n\tlr_g: 1\n"), ["train", "--dataset", "mnist"],
      "params.yaml: not valid YAML at line 2, column 1: found character '\\t' that cannot start any token"),
     ("params is a folder", lambda f: (f / "p").mkdir(), ["--params", "p", "train", "--dataset", "mnist"],
      "p: is a folder, not a YAML file"),
-    ("params is a list", lambda f: write_params(f, "- 1\n- 2\n"), ["train", "--dataset", "mnist"],
+    ("params is a list", lambda f: put_params(f, "- 1\n- 2\n"), ["train", "--dataset", "mnist"],
      "params.yaml: must hold a mapping of sections, found a list"),
-    ("preset bad yaml", lambda f: write_params(f, **{"preset": "bad-yaml"}), ["train", "--dataset", "mnist"],
+    ("preset bad yaml", lambda f: put_params(f, **{"preset": "bad-yaml"}), ["train", "--dataset", "mnist"],
      "preset 'bad-yaml': presets/bad-yaml.yaml: not valid YAML at line 2"),
-    ("preset unknown key", lambda f: write_params(f, **{"preset": "unknown-key"}), ["train", "--dataset", "mnist"],
+    ("preset unknown key", lambda f: put_params(f, **{"preset": "unknown-key"}), ["train", "--dataset", "mnist"],
      "presets/unknown-key.yaml sets 'train.lr_gg', which is not a key of params.yaml"),
-    ("tracking uri without scheme", lambda f: write_params(f, **{"mlflow.tracking_uri": "localhost:5000"}),
+    ("tracking uri without scheme", lambda f: put_params(f, **{"mlflow.tracking_uri": "localhost:5000"}),
      ["train", "--dataset", "mnist"], "mlflow.tracking_uri = 'localhost:5000' is invalid: expected a URI with a "
                                       "scheme"),
-    ("sample -n 0", write_params, ["sample", "--dataset", "mnist", "-n", "0"], "argument -n: 0 is not a positive"),
-    ("sample -n -5", write_params, ["sample", "--dataset", "mnist", "-n", "-5"], "argument -n: -5 is not a positive"),
-    ("sample --per-class 0", write_params, ["sample", "--dataset", "mnist", "--per-class", "0"],
+    ("sample -n 0", put_params, ["sample", "--dataset", "mnist", "-n", "0"], "argument -n: 0 is not a positive"),
+    ("sample -n -5", put_params, ["sample", "--dataset", "mnist", "-n", "-5"], "argument -n: -5 is not a positive"),
+    ("sample --per-class 0", put_params, ["sample", "--dataset", "mnist", "--per-class", "0"],
      "argument --per-class: 0 is not a positive"),
-    ("sample -o without .png", write_params, ["sample", "--dataset", "mnist", "-o", "out"],
+    ("sample -o without .png", put_params, ["sample", "--dataset", "mnist", "-o", "out"],
      "-o out: name a .png file (e.g. -o out.png)"),
-    ("sample -o where it cannot write", lambda f: (write_params(f), setup_generator_file(f, "good"),
+    ("sample -o where it cannot write", lambda f: (put_params(f), setup_generator_file(f, "good"),
                                                    (f / "blocker").write_text("a file, not a folder")),
      ["sample", "--dataset", "mnist", "--checkpoint", "g.pt", "-o", "blocker/x.png"],
      "-o blocker/x.png: cannot write there"),
-    ("sample unknown dataset", write_params, ["sample", "--dataset", "cifar10"],
+    ("sample unknown dataset", put_params, ["sample", "--dataset", "cifar10"],
      "argument --dataset: invalid choice: 'cifar10'"),
-    ("sample no generator", write_params, ["sample", "--dataset", "mnist", "-o", "x.png"],
+    ("sample no generator", put_params, ["sample", "--dataset", "mnist", "-o", "x.png"],
      "no generator at models/mnist/generator.pt (run `dvc repro train@mnist` first)"),
-    ("sample unknown run", write_params, ["sample", "--dataset", "mnist", "--mlflow-run", "nonexistent"],
+    ("sample unknown run", put_params, ["sample", "--dataset", "mnist", "--mlflow-run", "nonexistent"],
      "--mlflow-run nonexistent: no MLflow store at "),
-    ("sample unknown run in a store", lambda f: (write_params(f), make_store(f)),
+    ("sample unknown run in a store", lambda f: (put_params(f), make_store(f)),
      ["sample", "--dataset", "mnist", "--mlflow-run", "nonexistent"],
      "--mlflow-run nonexistent: no run with a logged generator in sqlite:///"),
-    ("sample server down", lambda f: write_params(f, **{"mlflow.tracking_uri": "http://127.0.0.1:1"}),
+    ("sample server down", lambda f: put_params(f, **{"mlflow.tracking_uri": "http://127.0.0.1:1"}),
      ["sample", "--dataset", "mnist", "--mlflow-run", "abc"], "--mlflow-run: MLflow at http://127.0.0.1:1 cannot be "
                                                             "reached"),
-    ("evaluate -n 0", write_params, ["evaluate", "--dataset", "mnist", "-n", "0"], "argument -n: 0 is not a positive"),
-    ("ui port 0", write_params, ["ui", "--port", "0"], "argument --port: 0 is not a port (1-65535)"),
-    *[(f"generator file: {kind}", lambda f, kind=kind: (write_params(f), setup_generator_file(f, kind)),
+    ("evaluate -n 0", put_params, ["evaluate", "--dataset", "mnist", "-n", "0"], "argument -n: 0 is not a positive"),
+    ("ui port 0", put_params, ["ui", "--port", "0"], "argument --port: 0 is not a port (1-65535)"),
+    *[(f"generator file: {kind}", lambda f, kind=kind: (put_params(f), setup_generator_file(f, kind)),
        ["sample", "--dataset", "mnist", "--checkpoint", "g.pt", "-o", "x.png"], message) for kind, message in [
         ("random bytes", "g.pt: not a generator.pt or checkpoint.pt that ganpipe wrote"),
         ("empty", "g.pt: not a generator.pt or checkpoint.pt that ganpipe wrote"),
@@ -155,7 +145,7 @@ def exit_code(argv: list[str]) -> int | None:
 
 
 def test_debug_shows_the_traceback(project, capsys):
-    write_params(project)
+    put_params(project)
     assert cli.main(["--debug", "sample", "--dataset", "mnist", "-o", "x.png"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().endswith("(run `dvc repro train@mnist` first)")
@@ -163,9 +153,10 @@ def test_debug_shows_the_traceback(project, capsys):
 
 def test_numbers_spelled_as_yaml_1_1_strings_are_numbers(project):
     """1e-3 is a float to a person (and YAML 1.2); quoted, it is still the number it spells."""
-    write_params(project)
+    put_params(project)
     text = (project / "params.yaml").read_text().replace("lr_g: 0.0002", "lr_g: 1e-3")
-    text = text.replace("lr_g:\n      loguniform:\n      - 5.0e-05\n      - 0.001", "lr_g: {loguniform: [1e-5, '1e-3']}")
+    shipped_bounds = "lr_g:\n      loguniform:\n      - 5.0e-05\n      - 0.001"
+    text = text.replace(shipped_bounds, "lr_g: {loguniform: [1e-5, '1e-3']}")
     (project / "params.yaml").write_text(text)
     cfg = load_config("params.yaml")
     assert cfg.train.lr_g == 1e-3
@@ -196,7 +187,7 @@ def test_a_dead_ray_address_is_said_at_once_and_given_up_in_one_line(project, ca
     from pipeline import cluster
 
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 1)
-    write_params(project, **{"ray.address": "127.0.0.1:1", "data.datasets": ["mnist"]})
+    put_params(project, **{"ray.address": "127.0.0.1:1", "data.datasets": ["mnist"]})
     (project / "data" / "processed").mkdir(parents=True)
     np.savez(project / "data" / "processed" / "mnist.npz", x_train=np.zeros((64, 28, 28), np.uint8),
              y_train=np.arange(64) % 10, x_test=np.zeros((16, 28, 28), np.uint8), y_test=np.arange(16) % 10)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO_ROOT, copy_repo, project_params, repo_mlflow_client, run_cmd, shipped_params
+from helpers import REPO_ROOT, copy_repo, project_params, repo_mlflow_client, run_cmd, small_generator_record
 
 pytestmark = pytest.mark.integration
 
@@ -98,15 +98,7 @@ def test_sample_label_and_per_class(conditional_repo, tmp_path):
 
 
 def save_generator(path, **model) -> None:
-    """A generator record as training writes it, of a small MLP with ``model`` set over the shipped model section."""
-    from gan.sampling import RECORD_FORMAT
-    from pipeline.config import ModelConfig
-    from pipeline.modeling import build_generator_and_discriminator
-
-    settings = ModelConfig(**{**shipped_params()["model"], "name": "mlp", "hidden": [16], "latent_dim": 8, **model})
-    generator, _ = build_generator_and_discriminator(settings, "mnist")
-    torch.save({"format": RECORD_FORMAT, "state_dict": generator.state_dict(), "model": settings.model_dump(),
-                "noise": "gaussian", "dataset": "mnist"}, path)
+    torch.save(small_generator_record(**model), path)
 
 
 def test_unconditional_generator_asked_for_a_label_is_a_one_line_error(tmp_path, capsys, monkeypatch):
