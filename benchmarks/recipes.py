@@ -56,7 +56,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 # Rows that change only model.conditional: (the row they start from, model.conditional). The default is
 # acgan; default+none is the same GAN unconditional, the default before acgan beat it.
 CONDITIONAL_ROWS = {"default+none": ("default", "none"), "default+concat": ("default", "concat"),
-                    "default+projection": ("default", "projection"),
+                    "default+projection": ("default", "projection"), "default+tacgan": ("default", "tacgan"),
                     "pytorch-examples+concat": ("pytorch-examples", "concat")}
 
 

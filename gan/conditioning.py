@@ -12,7 +12,12 @@
 - ``acgan`` (Odena et al. 2017): G is ``concat``'s; D does not see the label but
   predicts it: a class head beside the real/fake head on D's penultimate features.
   D learns to classify real images, and G to draw fakes that D classifies as asked
-  (cross-entropies weighted by ``train.class_weight``, in the engine).
+  (cross-entropies weighted by ``train.class_weight``: ``Conditioning.d_class_loss``
+  and ``g_class_loss``).
+- ``tacgan`` (Gong et al. 2019, TAC-GAN): ``acgan`` with a twin class head that learns
+  the asked classes of G's fakes; G is also paid for what the twin cannot tell. AC-GAN's
+  class term alone pulls each class toward the samples easiest to classify; the twin's
+  term cancels that pull, so a class keeps its variety.
 
 The wrappers keep the unconditional networks' building blocks, so every model of
 ``gan.models.MODELS`` that sees images can be conditioned. Labels are int64 class
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONDITIONAL = ("none", "concat", "projection", "acgan")
+CONDITIONAL = ("none", "concat", "projection", "acgan", "tacgan")
 # G's label embedding (model.label_embedding wide) joins z. For concat, at 10 wide (one per class) the label was
 # a tenth of the input and G learned to follow it slowly (cond accuracy ~0.35 after 300 MNIST updates); at 64,
 # ~0.75. Wider follows the label better, narrower leaves z more room for variety (docs/conditional.md).
@@ -55,14 +60,31 @@ class Conditioning:
 
     @property
     def class_head(self) -> bool:
-        """D predicts the class too (AC-GAN): it returns (real/fake logits, class logits)."""
-        return self.kind == "acgan"
+        """D predicts the class too (AC-GAN, TAC-GAN): it returns (real/fake logits, class logits)."""
+        return self.kind in ("acgan", "tacgan")
 
     def split_logits(self, output: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
         """(real/fake logits, class logits or None) of D's output, in float32."""
         if self.class_head:
             return output[0].float(), output[1].float()
         return output.float(), None
+
+    def d_class_loss(self, class_logits: Tensor, n: int, real_labels: Tensor, fake_labels: Tensor) -> Tensor:
+        """D's class term; D's batch starts with n reals, then n fakes. The class head learns the reals' classes
+        only (fakes would teach it G's mistakes); TAC-GAN's twin head learns the fakes' asked classes."""
+        loss = F.cross_entropy(class_logits[:n, :self.num_classes], real_labels)
+        if self.kind == "tacgan":
+            loss = loss + F.cross_entropy(class_logits[n:2 * n, self.num_classes:], fake_labels)
+        return loss
+
+    def g_class_loss(self, class_logits: Tensor, n: int, fake_labels: Tensor) -> Tensor:
+        """G's class term on D's batch of n reals then n fakes: draw what the class head calls the asked class;
+        TAC-GAN: and what the twin head, which knows G's fakes, cannot tell apart."""
+        fake = class_logits[n:]
+        loss = F.cross_entropy(fake[:, :self.num_classes], fake_labels)
+        if self.kind == "tacgan":
+            loss = loss - F.cross_entropy(fake[:, self.num_classes:], fake_labels)
+        return loss
 
 
 UNCONDITIONAL = Conditioning("none", 0)
@@ -210,11 +232,14 @@ class ProjectionDiscriminator(_HeadedDiscriminator):
 
 
 class AuxiliaryClassifierDiscriminator(_HeadedDiscriminator):
-    """AC-GAN's D: D(x) -> (real/fake logits, class logits) from D's penultimate features; labels unused."""
+    """AC-GAN's D: D(x) -> (real/fake logits, class logits) from D's penultimate features; labels unused.
 
-    def __init__(self, body: nn.Module, head: nn.Linear, num_classes: int):
+    With ``twin`` (TAC-GAN) the class logits are 2 x num_classes wide: the class head's, then the twin's.
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Linear, num_classes: int, twin: bool = False):
         super().__init__(body, head, num_classes)
-        self.classifier = nn.Linear(head.in_features, num_classes)
+        self.classifier = nn.Linear(head.in_features, num_classes * (2 if twin else 1))
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         _check_labels(labels, x.shape[0])  # the engine passes them; a caller without them has the wrong model
@@ -256,6 +281,6 @@ def build_conditional(builder: Builder, conditional: str, num_classes: int, shap
         return generator, ConcatDiscriminator(joined_d.net, num_classes, as_planes=images)
     _, base_d = builder(shape, latent_dim, *args)
     body, head = base_d.net[:-1], base_d.net[-1]
-    if conditional == "acgan":
-        return generator, AuxiliaryClassifierDiscriminator(body, head, num_classes)
+    if conditional in ("acgan", "tacgan"):
+        return generator, AuxiliaryClassifierDiscriminator(body, head, num_classes, twin=conditional == "tacgan")
     return generator, ProjectionDiscriminator(body, head, num_classes)

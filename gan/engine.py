@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gan.checkpoint import TrainerState
@@ -65,7 +64,7 @@ class EngineConfig:
     g_steps: int
     clip_value: float
     gp_weight: float
-    class_weight: float  # acgan: weight of the class head's cross-entropy in D's and G's losses
+    class_weight: float  # acgan, tacgan: weight of the class head's cross-entropy in D's and G's losses
     lr_decay_gamma: float
     lr_decay_every: int
     d_pretrain_steps: int
@@ -250,8 +249,9 @@ class GANTrainer(TrainerState, Sampling):
         logits, class_logits = self.conditioning.split_logits(output)
         real_logits, fake_logits = logits[:n], logits[n:2 * n]
         loss = self.loss.d_loss(real_logits, fake_logits, self.config.label_smoothing)
-        if class_logits is not None:  # acgan: the class head learns on real images only (fakes: G's mistakes)
-            loss = loss + self.config.class_weight * F.cross_entropy(class_logits[:n], real_labels)
+        if class_logits is not None:
+            loss = loss + self.config.class_weight * self.conditioning.d_class_loss(class_logits, n, real_labels,
+                                                                                    fake_labels)
         if self.config.loss == "wgan_gp":
             loss = loss + self.config.gp_weight * penalty_at(points, logits[2 * n:])
         self.opt_d.zero_grad(set_to_none=True)
@@ -283,8 +283,8 @@ class GANTrainer(TrainerState, Sampling):
             output = self.d_module(torch.cat([real, fake.to(real.dtype)]), *label_args(labels))
         logits, class_logits = self.conditioning.split_logits(output)
         loss = self.loss.g_loss(logits[n:])
-        if class_logits is not None:  # acgan: G draws what D's class head calls the asked class
-            loss = loss + self.config.class_weight * F.cross_entropy(class_logits[n:], fake_labels)
+        if class_logits is not None:
+            loss = loss + self.config.class_weight * self.conditioning.g_class_loss(class_logits, n, fake_labels)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward(inputs=self._g_params)  # D's parameter gradients would be thrown away
         if self.gradient_sync is not None:

@@ -25,6 +25,8 @@ from pipeline.presets import ParamsFileError, apply_overrides, apply_preset, rea
 
 PARAMS_FILE = "params.yaml"
 
+# The names of gan's registries, spelled here so that reading params.yaml does not import the models (each
+# stage's dvc.yaml deps stay the code it runs); tests/test_config.py keeps them equal to the registries.
 DatasetName = Literal["mnist", "fashion_mnist", "gaussian1d"]
 ModelName = Literal["mlp", "dcgan", "dcgan_upsample", "toy1d"]
 LossName = Literal["minimax", "ns", "wgan", "wgan_gp", "hinge"]
@@ -72,7 +74,7 @@ class ModelConfig(Section):
     dropout: float = Field(ge=0, lt=1)
     activation: Literal["leaky_relu", "relu", "tanh"]  # mlp / toy1d hidden layers
     spectral_norm: bool
-    conditional: Literal["none", "concat", "projection", "acgan"]  # class-conditional (gan.conditioning)
+    conditional: Literal["none", "concat", "projection", "acgan", "tacgan"]  # class-conditional (gan.conditioning)
     label_embedding: PositiveInt  # width of G's label embedding, which joins z (conditional models)
 
 
@@ -94,7 +96,7 @@ class TrainConfig(Section):
     g_steps: PositiveInt
     clip_value: float = Field(gt=0)
     gp_weight: float = Field(ge=0)
-    class_weight: float = Field(ge=0)  # acgan: weight of D's class head in both losses
+    class_weight: float = Field(ge=0)  # acgan, tacgan: weight of D's class head in both losses
     lr_decay_gamma: float = Field(gt=0, le=1)
     lr_decay_every: PositiveInt
     d_pretrain_steps: int = Field(ge=0)
@@ -297,7 +299,7 @@ class Config(Section):
                              f"dataset (allowed there: {allowed})")
         if self.sweep.metric in CONDITIONAL_METRICS and "none" in trials:
             raise ValueError(f"sweep.metric {self.sweep.metric} needs a conditional model in every trial "
-                             "(model.conditional or sweep.space.conditional: concat, projection, acgan)")
+                             "(model.conditional or sweep.space.conditional: concat, projection, acgan, tacgan)")
         return self
 
     @model_validator(mode="after")

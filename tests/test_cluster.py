@@ -68,13 +68,15 @@ class Cluster:
     repo: Path
     env: dict[str, str]
     address: str
+    dashboard: str  # the head's dashboard: where `ray job submit` sends jobs
     tracking_uri: str
     shared: Path  # storage both nodes see
     node2: subprocess.Popen  # `unshare` running the second node's `ray start --block`
 
-    def run(self, args: list[str], check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        process = subprocess.Popen(args, cwd=self.repo, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True)
+    def run(self, args: list[str], check: bool = True, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        process = subprocess.Popen(args, cwd=self.repo, env=env or self.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         finally:
@@ -161,7 +163,7 @@ def cluster(tmp_path_factory):
         pytest.skip(why)
     base = tmp_path_factory.mktemp("cluster")
     shared = base / "shared"
-    gcs_port, mlflow_port = free_port(), free_port()
+    gcs_port, mlflow_port, dashboard_port = free_port(), free_port(), free_port()
     address, tracking_uri = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{mlflow_port}"
     # One token for the whole cluster, as on a real one (README: token authentication).
     env = {**tool_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -200,7 +202,7 @@ def cluster(tmp_path_factory):
         ray_temp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ganpipe-ray-", ignore_cleanup_errors=True)))
         ray_start = [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", "--disable-usage-stats"]
         head = start("head", [*ray_start, "--head", f"--port={gcs_port}", f"--temp-dir={ray_temp / 'head'}",
-                              f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
+                              f"--ray-client-server-port={free_port()}", f"--dashboard-port={dashboard_port}",
                               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"])
         # `ray start` says so once its node is registered; a second node may only join after that.
         wait_until(lambda: "Ray runtime started" in (base / "head.log").read_text(), 120, "the head node", head)
@@ -212,7 +214,8 @@ def cluster(tmp_path_factory):
                                 f"--metrics-export-port={free_port()}"])
         subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, "2"], env=env, check=True, timeout=150)
         wait_until(lambda: mlflow_healthy(tracking_uri), 60, "the MLflow server", server)
-        yield Cluster(base, repo, {**env, **CREDENTIALS}, address, tracking_uri, shared, node2)
+        yield Cluster(base, repo, {**env, **CREDENTIALS}, address, f"http://127.0.0.1:{dashboard_port}", tracking_uri,
+                      shared, node2)
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +276,18 @@ def test_train_on_two_nodes_end_to_end_through_a_killed_worker(evaluated):
     assert run.info.run_id in {version.run_id for version in versions}
 
 
-def test_sweep_on_two_nodes(evaluated):
+def test_sweep_on_two_nodes_submitted_as_a_ray_job(evaluated, tmp_path_factory):
+    """`dvc repro sweep` as docs/dvc-mlflow-ray.md submits it to a running cluster: `ray job submit` runs the driver
+    on the head; the MLflow credentials come from a file on the head, never through the job's runtime env."""
     cluster = evaluated
-    result = cluster.run(["dvc", "repro", "sweep"])
+    head_secrets = tmp_path_factory.mktemp("head-secrets")  # outside every folder the password test reads
+    credentials = head_secrets / "mlflow.env"
+    credentials.write_text("".join(f"export {key}='{value}'\n" for key, value in CREDENTIALS.items()))
+    credentials.chmod(0o600)
+    job_env = {key: value for key, value in cluster.env.items() if key not in CREDENTIALS}
+    result = cluster.run([str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--", "bash", "-c",
+                          f"cd {cluster.repo} && . {credentials} && dvc repro sweep"], env=job_env)
+    assert "Job 'raysubmit_" in result.stdout and "succeeded" in result.stdout
     # A one-worker trial trains in its own 1-CPU Tune process: two 1-CPU nodes hold both trials at once.
     assert "the cluster holds" not in result.stdout
 

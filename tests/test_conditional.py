@@ -125,6 +125,43 @@ def test_acgan_class_head_learns_from_real_labels_and_g_from_the_asked_ones(clas
     assert loss_g == pytest.approx(float(adversarial + class_weight * cross_entropy), rel=1e-5)
 
 
+def test_tacgan_twin_head_learns_the_fakes_classes_and_g_is_paid_for_what_it_cannot_tell():
+    """TAC-GAN: D's class logits are the class head's then the twin's; D's twin term is the fakes' asked classes,
+    and G's class term is the class head's cross-entropy minus the twin's."""
+    trainer = make_trainer("dcgan", "tacgan", class_weight=0.5)
+    images, labels = labelled_data(16)
+    real = images.float().unsqueeze(1) / 127.5 - 1
+    generator, discriminator = copy.deepcopy(trainer.g_module), copy.deepcopy(trainer.d_module)
+    state = trainer.noise_generator.get_state()
+    loss_d = trainer._d_update(real, labels)[0]
+    trainer.noise_generator.set_state(state)
+    fake_labels = trainer.fake_labels(16)
+    with torch.no_grad():
+        fake = generator(trainer.noise(16), fake_labels)
+        logits, class_logits = discriminator(torch.cat([real, fake]), torch.cat([labels, fake_labels]))
+    assert class_logits.shape == (32, 2 * CLASSES)
+    adversarial = (nn.functional.binary_cross_entropy_with_logits(logits[:16], torch.ones(16))
+                   + nn.functional.binary_cross_entropy_with_logits(logits[16:], torch.zeros(16)))
+    class_term = (nn.functional.cross_entropy(class_logits[:16, :CLASSES], labels)
+                  + nn.functional.cross_entropy(class_logits[16:, CLASSES:], fake_labels))
+    assert loss_d == pytest.approx(float(adversarial + 0.5 * class_term), rel=1e-5)
+
+    generator, discriminator = copy.deepcopy(trainer.g_module), copy.deepcopy(trainer.d_module)
+    state = trainer.noise_generator.get_state()
+    loss_g = trainer._g_update(real, labels)[0]
+    trainer.noise_generator.set_state(state)
+    fake_labels = trainer.fake_labels(16)
+    with torch.no_grad():
+        fake = generator(trainer.noise(16), fake_labels)
+        logits, class_logits = discriminator(torch.cat([real, fake]), torch.cat([labels, fake_labels]))
+    adversarial = nn.functional.binary_cross_entropy_with_logits(logits[16:], torch.ones(16))
+    class_term = (nn.functional.cross_entropy(class_logits[16:, :CLASSES], fake_labels)
+                  - nn.functional.cross_entropy(class_logits[16:, CLASSES:], fake_labels))
+    assert loss_g == pytest.approx(float(adversarial + 0.5 * class_term), rel=1e-5)
+    result = trainer.train_epoch(labelled_batches(64))
+    assert all(math.isfinite(v) for v in result.metrics.values())
+
+
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 @pytest.mark.parametrize("model, conditional", [(model, conditional) for model in ("mlp", "dcgan", "dcgan_upsample")
                                                 for conditional in ("concat", "projection", "acgan")])
@@ -311,7 +348,7 @@ def test_unconditional_model_refuses_labels_and_conditional_one_needs_them():
     images, _ = labelled_data(32)
     with pytest.raises(ValueError, match="trains on \\(images, labels\\) batches"):
         make_trainer().train_epoch(DeviceBatches(images, 16))
-    with pytest.raises(ValueError, match="allowed: none, concat, projection, acgan"):
+    with pytest.raises(ValueError, match="allowed: none, concat, projection, acgan, tacgan"):
         build_models("dcgan", IMAGE, conditional="cgan", num_classes=10)
 
 
@@ -447,7 +484,7 @@ def two_class_data(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return images.clamp(0, 255).to(torch.uint8), labels
 
 
-@pytest.mark.parametrize("conditional", ["concat", "projection", "acgan"])
+@pytest.mark.parametrize("conditional", ["concat", "projection", "acgan", "tacgan"])
 def test_a_short_run_on_two_distinct_classes_makes_g_draw_the_class_it_is_asked_for(conditional):
     # The default model and engine settings (dcgan_upsample, spectral norm, ns loss, Adam at 2e-4), small.
     # Conditional BatchNorm as G's only way in for the label (the first projection G) learned too slowly to

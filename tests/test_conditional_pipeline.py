@@ -71,6 +71,11 @@ def test_registered_model_takes_z_and_label_and_draws_the_chosen_class(condition
     sevens, threes = model(z, torch.full((6,), 7)), model(z, torch.full((6,), 3))
     assert tuple(sevens.shape) == (6, 1, 28, 28) and sevens.min() >= -1 and sevens.max() <= 1
     assert not torch.allclose(sevens, threes)  # the label, not only z, decides the picture
+    # As docs/dvc-mlflow-ray.md loads it: the newest version by name, and a version pinned by an alias.
+    client.set_registered_model_alias("ganpipe-mnist-generator", "champion", version.version)
+    for uri in ("models:/ganpipe-mnist-generator/latest", "models:/ganpipe-mnist-generator@champion"):
+        torch.testing.assert_close(mlflow.pytorch.load_model(uri)(z, torch.full((6,), 7)), sevens)
+    print("flavors:", sorted(info.flavors))
 
     # The same weights from the DVC output agree with the registered model, class by class.
     from pipeline.config import ModelConfig

@@ -70,13 +70,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_config_names_match_the_gan_registries():
+    from gan.conditioning import CONDITIONAL
     from gan.data import DATASETS
     from gan.losses import LOSSES
     from gan.models import MODELS
+    from pipeline.config import ModelConfig
 
     assert set(typing.get_args(DatasetName)) == set(DATASETS)
     assert set(typing.get_args(ModelName)) == set(MODELS)
     assert set(typing.get_args(LossName)) == set(LOSSES)
+    assert set(typing.get_args(ModelConfig.model_fields["conditional"].annotation)) == set(CONDITIONAL)
 
 
 def test_cli_reports_config_error_in_one_line(tmp_path, capsys):
