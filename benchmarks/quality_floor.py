@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from gan.data import idx_file_name, load_idx_split
-from gan.metrics import reference_scores, train_evaluator
+from gan.evaluator_net import train_evaluator
+from gan.metrics import reference_scores
 
 LABELS = {"real_vs_real": "real train vs test (floor)", "noise": "uniform noise (ceiling)",
           "single_class": "class 0 only (ceiling)"}

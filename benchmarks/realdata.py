@@ -15,8 +15,9 @@ import torch
 
 from gan.data import DeviceBatches, load_idx_split
 from gan.engine import EngineConfig, GANTrainer
+from gan.evaluator_net import EvaluatorNet, train_evaluator
 from gan.images import image_grid
-from gan.metrics import EvaluatorNet, RealReference, evaluate, real_reference, reference_scores, train_evaluator
+from gan.metrics import RealReference, evaluate, real_reference, reference_scores
 from gan.models import build_models
 
 QUALITY_KEYS = ("fid", "kid", "inception_score", "class_coverage", "class_kl", "precision", "recall")

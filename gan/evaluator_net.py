@@ -59,7 +59,7 @@ class EvaluatorNet(nn.Module):
         return features, self.head(features)
 
 
-def _as_image_tensor(images, device: torch.device | str | None = None) -> torch.Tensor:
+def as_image_tensor(images, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 images (N, H, W) or (N, C, H, W), numpy or torch -> uint8 (N, C, H, W) tensor."""
     images = torch.as_tensor(images, device=device)
     if images.dim() == 3:
@@ -83,7 +83,7 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def _embed(evaluator: EvaluatorNet, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(evaluator: EvaluatorNet, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of [-1, 1] image batches, concatenated (no grad, eval mode)."""
     evaluator.eval()
     features, logits = [], []
@@ -95,13 +95,13 @@ def _embed(evaluator: EvaluatorNet, batches: Iterable[torch.Tensor]) -> tuple[to
     return torch.cat(features), torch.cat(logits)
 
 
-def _embed_uint8(evaluator: EvaluatorNet, images: torch.Tensor, batch_size: int = 1000):
-    return _embed(evaluator, (to_unit_range(chunk) for chunk in images.split(batch_size)))
+def embed_uint8(evaluator: EvaluatorNet, images: torch.Tensor, batch_size: int = 1000):
+    return embed(evaluator, (to_unit_range(chunk) for chunk in images.split(batch_size)))
 
 
 def accuracy(evaluator: EvaluatorNet, images_uint8, labels, batch_size: int = 1000) -> float:
     device = next(evaluator.parameters()).device
-    _, logits = _embed_uint8(evaluator, _as_image_tensor(images_uint8, device), batch_size)
+    _, logits = embed_uint8(evaluator, as_image_tensor(images_uint8, device), batch_size)
     labels = torch.as_tensor(labels, device=device)
     return float((logits.argmax(1) == labels).double().mean())
 
@@ -121,7 +121,7 @@ def train_evaluator(x_train, y_train, x_test, y_test, *, num_classes: int = 10, 
     ``progress(epoch, {"loss", "test_accuracy"})`` is called after each epoch.
     """
     device = torch.device(device)
-    x_train, x_test = _as_image_tensor(x_train, device), _as_image_tensor(x_test, device)
+    x_train, x_test = as_image_tensor(x_train, device), as_image_tensor(x_test, device)
     y_train = torch.as_tensor(y_train, dtype=torch.long, device=device)
     _, channels, height, width = x_train.shape
     if height != width:

@@ -22,11 +22,7 @@ import numpy as np
 import torch
 
 from gan.data import to_unit_range
-# The evaluator network lives in gan.evaluator_net; its names are re-exported here for the metrics' callers.
-from gan.evaluator_net import (  # noqa: F401
-    EvaluatorNet, _as_image_tensor, _embed, _embed_uint8, accuracy, load_evaluator, random_shift, save_evaluator,
-    train_evaluator,
-)
+from gan.evaluator_net import EvaluatorNet, as_image_tensor, embed, embed_uint8
 from gan.variety import VARIETY_KEYS, variety, variety_within_class
 
 Sampler = Callable[..., torch.Tensor]  # n -> (n, C, H, W) images in [-1, 1]; conditional: (n, labels=...)
@@ -179,8 +175,8 @@ class RealReference:
 def real_reference(evaluator: EvaluatorNet, real_test_images_uint8, real_test_labels,
                    device: torch.device | str = "cpu", batch_size: int = 1000) -> RealReference:
     evaluator.to(device)
-    images = _as_image_tensor(real_test_images_uint8, device)
-    features, _ = _embed_uint8(evaluator, images, batch_size)
+    images = as_image_tensor(real_test_images_uint8, device)
+    features, _ = embed_uint8(evaluator, images, batch_size)
     mu, sigma = mean_and_covariance(features)
     histogram = class_histogram(real_test_labels, evaluator.num_classes).numpy()
     labels = torch.as_tensor(real_test_labels, device=features.device).long()
@@ -207,7 +203,7 @@ def _embed_samples(sampler: Sampler, evaluator: EvaluatorNet, reference: RealRef
     """(features, logits, asked labels or None) of ``n`` samples; conditional: the classes in turn (balanced)."""
     labels = torch.arange(n, device=device) % evaluator.num_classes if conditional else None
     batches = _sampled_batches(sampler, n, batch_size, reference.image_shape, device, labels)
-    features, logits = _embed(evaluator, batches)
+    features, logits = embed(evaluator, batches)
     return features, logits, labels
 
 
@@ -286,7 +282,7 @@ class ReplaySampler:
     """
 
     def __init__(self, images_uint8, seed: int = 0):
-        self.images = _as_image_tensor(images_uint8)
+        self.images = as_image_tensor(images_uint8)
         self.generator = torch.Generator(device=self.images.device).manual_seed(seed)
         self.queue = torch.empty(0, dtype=torch.long, device=self.images.device)
 
@@ -302,7 +298,7 @@ class ClassReplaySampler:
     """A conditional 'generator' that replays real images of the classes asked for (``ReplaySampler`` per class)."""
 
     def __init__(self, images_uint8, labels, seed: int = 0):
-        images = _as_image_tensor(images_uint8)
+        images = as_image_tensor(images_uint8)
         labels = torch.as_tensor(labels, device=images.device)
         self.image_shape = tuple(images.shape[1:])
         self.classes = [ReplaySampler(images[labels == k], seed + k) for k in range(int(labels.max()) + 1)]
@@ -334,7 +330,7 @@ def reference_scores(evaluator: EvaluatorNet, real_train_uint8, real_test_uint8,
       selects them), the ceiling of total mode collapse onto perfect images.
     """
     reference = real_reference(evaluator, real_test_uint8, real_test_labels, device, batch_size)
-    train = _as_image_tensor(real_train_uint8, device)
+    train = as_image_tensor(real_train_uint8, device)
     train_labels = torch.as_tensor(real_train_labels, device=device)
     samplers = {
         "real_vs_real": ReplaySampler(train, seed),

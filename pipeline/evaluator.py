@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from gan.data import DATASETS
-from gan.metrics import reference_scores, save_evaluator, train_evaluator
+from gan.evaluator_net import save_evaluator, train_evaluator
+from gan.metrics import reference_scores
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.modeling import pick_device

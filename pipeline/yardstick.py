@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from gan.data import DATASETS
-from gan.metrics import load_evaluator, real_reference
+from gan.evaluator_net import load_evaluator
+from gan.metrics import real_reference
 from pipeline.artifacts import evaluator_paths, load_processed
 
 

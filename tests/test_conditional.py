@@ -444,7 +444,8 @@ def test_the_default_is_acgan_and_the_tutorial_recipes_stay_unconditional():
 
 def test_conditional_accuracy_and_per_class_fid_tell_a_faithful_sampler_from_a_shifted_one():
     from gan.data import to_unit_range
-    from gan.metrics import evaluate, real_reference, train_evaluator
+    from gan.evaluator_net import train_evaluator
+    from gan.metrics import evaluate, real_reference
 
     x_train, y_train = synthetic_split(1000, seed=1)
     x_test, y_test = synthetic_split(500, seed=2)

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from gan.data import to_unit_range
+from gan.evaluator_net import EvaluatorNet, load_evaluator, random_shift, save_evaluator, train_evaluator
 from gan.metrics import (
-    METRIC_KEYS, ClassReplaySampler, EvaluatorNet, ReplaySampler, class_coverage, class_kl, evaluate, fid,
-    frechet_distance, inception_score, kid, load_evaluator, noise_sampler, random_shift, real_reference,
-    reference_scores, save_evaluator, train_evaluator, variety,
+    METRIC_KEYS, ClassReplaySampler, ReplaySampler, class_coverage, class_kl, evaluate, fid, frechet_distance,
+    inception_score, kid, noise_sampler, real_reference, reference_scores, variety,
 )
 
 NUM_CLASSES = 10
