@@ -1,4 +1,4 @@
-"""The figures tables of the docs, rendered from the committed JSON that measured them.
+"""The figures tables of the docs, rendered from the committed JSON (or CSV) that measured them.
 
 A page holds a table between two markers:
 
@@ -8,12 +8,14 @@ A page holds a table between two markers:
 
 ``python docs/tables.py`` rewrites every such block from its JSON; ``python docs/tables.py --check`` exits 1
 naming each block that differs (tests/test_docs.py runs the check). A figure in a table is only ever the
-JSON's: to change one, measure again and commit the JSON the benchmark wrote.
+JSON's: to change one, measure again and commit the JSON the benchmark wrote. Each block says which
+command measured it, on which machine and when.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -22,11 +24,38 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 MACHINE_2CORE = "2-core CPU, 1 thread"
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+RECIPES_H100 = ("python benchmarks/recipes.py --data-root DIR --datasets {} --epochs 10 --score-at 2 5 "
+                "--set model.conditional=none --variant 'default+smooth:train.label_smoothing=0.1' "
+                "--variant 'default+hinge:train.loss=hinge' --variant 'default+b64:train.batch_size=64' --out-dir OUT")
+RECIPES_CPU = ("python benchmarks/recipes.py --data-root DIR --datasets mnist --epochs 2 --train-images 10000 "
+               "--score-at 1 --set model.conditional=none "
+               "--variant 'sweep-best:train.lr_g=0.00048;train.lr_d=0.00172;train.d_steps=1' --out-dir OUT")
+SWEEP_MNIST = "python benchmarks/sweep_realdata.py --data DIR/mnist --out OUT"
+
+
+def load(path: str) -> dict:
+    return json.loads((DOCS / path).read_text())
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, one line per row."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join(f"| {' | '.join(map(str, line))} |" for line in lines) + "\n"
+
+
+def made_by(command: str, machine: str, date: str, path: str) -> str:
+    """The line above a table: the command that measured it, on which machine, when, and its file."""
+    return f"Command: `{command}`. Machine: {machine}. Date: {date}. Data: [{path}]({path}).\n\n"
+
+
+def bold(text: str, on: bool) -> str:
+    return f"**{text}**" if on else text
 
 
 def last_scores(path: str, dataset: str, row: str) -> tuple[dict, dict]:
     """The row's scores at its last scored epoch, and the JSON's top level."""
-    data = json.loads((DOCS / path).read_text())
+    data = load(path)
     return data["datasets"][dataset]["rows"][row]["scores"][-1], data
 
 
@@ -34,7 +63,7 @@ def conditional_default() -> str:
     """The default (acgan, label_embedding 16) against the same GAN unconditional, at two CPU budgets."""
     # (JSON, dataset, the row's name in the JSON, its name today, budget, the recipes.py command)
     runs = []
-    for ds, short in (("mnist", "MNIST"), ("fashion_mnist", "Fashion-MNIST")):
+    for ds, short in DATASETS.items():
         small = f"conditional-acgan-{ds}-10k-cpu.json"
         full = f"conditional-acgan-{ds}-60k-2ep-cpu.json"
         runs += [
@@ -48,34 +77,80 @@ def conditional_default() -> str:
             (full, ds, short, "default", "default+none", "60k images, 2 epochs",
              f"--datasets {ds} --epochs 2 --eval-samples 10000 --only default+none"),
         ]
-    lines = ["| dataset | budget | row | FID | precision | recall | cond acc | command (`benchmarks/recipes.py "
-             "--data-root DIR --device cpu --out-dir OUT ...`) | machine | date | JSON |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = ["dataset", "budget", "row", "FID", "precision", "recall", "cond acc",
+              "command (`benchmarks/recipes.py --data-root DIR --device cpu --out-dir OUT ...`)", "machine", "date",
+              "JSON"]
+    rows = []
     for path, ds, short, row, shown, budget, command in runs:
         s, data = last_scores(path, ds, row)
         acc = f"{s['cond_accuracy']:.3f}" if "cond_accuracy" in s else "-"
-        lines.append(f"| {short} | {budget} | {shown} | {s['fid']:.2f} | {s['precision']:.2f} | {s['recall']:.2f} "
-                     f"| {acc} | `{command}` | {MACHINE_2CORE} | {data['date']} | [JSON]({path}) |")
-    return "\n".join(lines) + "\n"
+        rows.append([short, budget, shown, f"{s['fid']:.2f}", f"{s['precision']:.2f}", f"{s['recall']:.2f}", acc,
+                     f"`{command}`", MACHINE_2CORE, data["date"], f"[JSON]({path})"])
+    return table(header, rows)
+
+
+def recipes(path: str, dataset: str, command: str, shown_bold: str, machine: str | None = None) -> str:
+    """Every row of a benchmarks/recipes.py run on one dataset, best final FID first; machine: the JSON's device."""
+    data = load(path)
+    ds = data["datasets"][dataset]
+    ranked = sorted(ds["rows"].items(), key=lambda item: item[1]["scores"][-1]["fid"])
+    header = ["row", f"FID @ {ranked[0][1]['scores'][0]['epoch']} ep", "FID", "KID", "IS", "coverage", "class KL",
+              "precision", "recall", "wall s", "img/s"]
+    rows = []
+    for name, row in ranked:
+        s, on = row["scores"][-1], name == shown_bold
+        rows.append([bold(name, on), f"{row['scores'][0]['fid']:.2f}", bold(f"{s['fid']:.2f}", on), f"{s['kid']:.3f}",
+                     f"{s['inception_score']:.2f}", f"{s['class_coverage']:.1f}", f"{s['class_kl']:.3f}",
+                     f"{s['precision']:.2f}", f"{s['recall']:.2f}", f"{row['train_seconds']:.1f}",
+                     f"{row['img_per_s']:,.0f}"])
+    yardstick = (f"{DATASETS[dataset]}: evaluator {ds['evaluator_test_accuracy']:.2%}, "
+                 f"floor {ds['floor']['fid']:.3f}, n = {data['eval_samples']:,}.\n\n")
+    return made_by(command, f"{machine or data['device']}, torch {data['torch']}", data["date"], path) + yardstick + table(header, rows)
+
+
+def recipes_h100(dataset: str) -> str:
+    return recipes("recipes-h100.json", dataset, RECIPES_H100.format(dataset), "default")
+
+
+def recipes_cpu() -> str:
+    return recipes("recipes-mnist-10k-cpu.json", "mnist", RECIPES_CPU, "sweep-best", "2-core CPU")
+
+
+def lr(value: float) -> str:
+    """A learning rate as 1.72e-3 from 1e-3 up, as 4.8e-4 below."""
+    return re.sub(r"e-0", "e-", f"{value:.2e}" if value >= 1e-3 else f"{value:.1e}")
+
+
+def sweep_mnist() -> str:
+    """The trials of the real Optuna sweep, best FID first, from the sweep/results.csv it wrote."""
+    path = "sweep-mnist-10k-cpu.csv"
+    with open(DOCS / path, newline="") as file:
+        trials = sorted(csv.DictReader(file), key=lambda trial: float(trial["fid"]))
+    rows = [[t["trial_id"], "TPE" if t["searched_by"] == "tpe" else t["searched_by"], lr(float(t["lr_g"])),
+             lr(float(t["lr_d"])), f"{t['d_steps']}:1", bold(f"{float(t['fid']):.2f}", t is trials[0]),
+             t["epochs_run"] + (" (stopped)" if t["status"] == "stopped_early" else "")] for t in trials]
+    # the CSV holds no date: the day it was committed, with the recipes run that followed it
+    return (made_by(SWEEP_MNIST, "2-core CPU, 2 trials at a time, one CPU worker each",
+                    "2026-12-03 (committed; the CSV records no date)", path)
+            + table(["trial", "picked by", "lr_g", "lr_d", "D:G", "FID (n = 2,000)", "epochs"], rows))
 
 
 def gpu_engine() -> str:
     """The engine alone on one GPU: img/s of DCGAN-28 on the 60k MNIST images, 1 D + 1 G update per batch."""
-    data = json.loads((DOCS / "gpu-check-h100.json").read_text())
+    data = load("gpu-check-h100.json")
     env = data["environment"]
     machine = f"{env['gpu']}, torch {env['torch']}"
-    lines = ["| loop | batch | img/s | s per 60k epoch | command | machine | date |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for item in data["throughput"]:
-        if item["loop"].startswith("fastest"):  # a copy of the best row
-            continue
-        lines.append(f"| {item['loop']} | {item['batch']} | {item['img_per_s']:,.0f} | "
-                     f"{60_000 / item['img_per_s']:.2f} | `benchmarks/gpu_check.py --data-root DIR --epochs 3 "
-                     f"--out OUT/gpu_check.json` | {machine} | {env['date']} |")
-    return "\n".join(lines) + "\n"
+    command = "`benchmarks/gpu_check.py --data-root DIR --epochs 3 --out OUT/gpu_check.json`"
+    rows = [[item["loop"], item["batch"], f"{item['img_per_s']:,.0f}", f"{60_000 / item['img_per_s']:.2f}", command,
+             machine, env["date"]]
+            for item in data["throughput"] if not item["loop"].startswith("fastest")]  # "fastest": a copy of a row
+    return table(["loop", "batch", "img/s", "s per 60k epoch", "command", "machine", "date"], rows)
 
 
-TABLES = {"conditional-default": conditional_default, "gpu-engine": gpu_engine}
+TABLES = {"conditional-default": conditional_default, "gpu-engine": gpu_engine,
+          "recipes-h100-mnist": lambda: recipes_h100("mnist"),
+          "recipes-h100-fashion_mnist": lambda: recipes_h100("fashion_mnist"),
+          "recipes-cpu": recipes_cpu, "sweep-mnist": sweep_mnist}
 
 
 def render(text: str) -> str:
