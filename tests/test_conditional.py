@@ -358,7 +358,7 @@ def test_unconditional_model_refuses_labels_and_conditional_one_needs_them():
     ({"data.datasets": ["mnist", "gaussian1d"], "model.conditional": "concat"},
      "model.conditional concat needs class labels"),
     ({"model.conditional": "cgan"},
-     "model.conditional = 'cgan' is invalid: Input should be 'none', 'concat', 'projection' or 'acgan'"),
+     "model.conditional = 'cgan' is invalid: Input should be 'none', 'concat', 'projection', 'acgan' or 'tacgan'"),
     ({"train.class_weight": -1}, "train.class_weight = -1 is invalid"),
     ({"model.label_embedding": 0}, "model.label_embedding = 0 is invalid"),
     ({"model.conditional": "none", "sweep.metric": "cond_accuracy"},
@@ -430,7 +430,7 @@ def test_the_default_is_acgan_and_the_tutorial_recipes_stay_unconditional():
     assert plan["default"]["model"]["conditional"] == "acgan"
     assert plan["default"]["model"]["label_embedding"] == 16
     assert {name: plan[name]["model"]["conditional"] for name in plan if "+" in name} == {
-        "default+none": "none", "default+concat": "concat", "default+projection": "projection",
+        "default+none": "none", "default+concat": "concat", "default+projection": "projection", "default+tacgan": "tacgan",
         "pytorch-examples+concat": "concat"}
     assert plan["pytorch-examples+concat"]["model"]["name"] == "dcgan"
     unconditional = dict(plan["default"], model={**plan["default"]["model"], "conditional": "none"})
