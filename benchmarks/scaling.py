@@ -1,16 +1,19 @@
 """Weak scaling on CPU workers: `ganpipe train` with 1 and 2 Ray workers at the same per-worker batch.
 
-    python benchmarks/scaling.py --data DATA_DIR/mnist --out /tmp/ganpipe-scaling
+    python benchmarks/scaling.py --data DATA_DIR/mnist --out OUT
 
 Three runs on the same real-MNIST subset, equal epochs: one worker at batch B; two workers with
-``train.batch_scaling: per_worker`` (B each, global 2B: the rule docs/gpu.md recommends on GPUs);
-two workers with ``split`` (B/2 each, global B: the old rule). Prints img/s, steps and FID per run.
+``train.batch_scaling: per_worker`` (B each, global 2B: more images per second where workers have their
+own GPUs); two workers with ``split`` (B/2 each, global B: the default, the same updates at any worker
+count). Prints img/s, steps and FID per run and writes OUT/scaling.json, which docs/tables.py renders.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,7 +59,9 @@ def main() -> None:
                      "steps": report["step"], "img_per_s": round(report["images_per_sec"]),
                      "train_s": report["timings"]["train_s"], "stage_s": round(wall, 1), "fid": round(report["fid"], 3)})
         print(rows[-1], flush=True)
-    (out / "scaling.json").write_text(json.dumps(rows, indent=2) + "\n")
+    record = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU", "rows": rows,
+              "train_images": args.train_images, "epochs": args.epochs, "batch": args.batch}
+    (out / "scaling.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{args.train_images} real MNIST images, DCGAN-16, {args.epochs} epochs, batch {args.batch} per worker "
           f"(split: global), {'GPU workers' if args.use_gpu else 'CPU workers of one thread each'}\n")
     print("| run | global batch | steps | img/s | train s | FID |\n| --- | --- | --- | --- | --- | --- |")

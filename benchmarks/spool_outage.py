@@ -3,14 +3,16 @@
 Starts a real `mlflow server` (SQLite store in --out), logs one epoch's worth of calls
 (a batch of step metrics, the epoch metrics, a 232x232 sample grid) per "epoch" through
 ``SpooledClient``, kills the server by pid after --epochs epochs, keeps logging as many
-epochs while it is down, restarts it and times the delivery of the spool.
+epochs while it is down, restarts it and times the delivery of the spool. Writes OUT/spool_outage.json (the figures, the machine, the
+date), which docs/tables.py renders into docs/tracking-outages.md.
 
-    python benchmarks/spool_outage.py --out /tmp/ganpipe-spool-bench --epochs 5
+    python benchmarks/spool_outage.py --out OUT --epochs 5
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import signal
@@ -82,7 +84,10 @@ def main() -> None:
                   "first_epoch_calls_s_server_down": round(down[0], 3),
                   "later_epoch_calls_s_server_down": round(float(np.median(down[1:])), 4),
                   "records_spooled": spooled, "delivery_s_after_restart": round(delivered_s, 2),
-                  "records_left": left, "fid_steps_complete": steps == list(range(1, 2 * args.epochs + 1))}
+                  "records_left": left, "fid_steps_complete": steps == list(range(1, 2 * args.epochs + 1)),
+                  "epochs": args.epochs, "date": datetime.date.today().isoformat(),
+                  "machine": f"{os.cpu_count()}-core CPU, loopback server"}
+        (args.out / "spool_outage.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     finally:
         os.killpg(server.pid, signal.SIGKILL)

@@ -147,7 +147,72 @@ def gpu_engine() -> str:
     return table(["loop", "batch", "img/s", "s per 60k epoch", "command", "machine", "date"], rows)
 
 
-TABLES = {"conditional-default": conditional_default, "gpu-engine": gpu_engine,
+MAKE_DEMO = "make-demo-cpu.json"  # benchmarks/make_demo.py's record of a fresh clone's `make demo`
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
+
+
+def make_demo_stages() -> str:
+    """`make demo` stage by stage, setup included, and what each reached."""
+    data = load(MAKE_DEMO)
+    got = data["reached"]
+    what = {"setup": "venv, torch, the project (`make setup`)",
+            "evaluator@mnist": f"test accuracy {got['evaluator_accuracy']:.2%}",
+            "train@mnist": f"FID {got['train_fid']:.2f} at the end, conditional accuracy {got['train_cond_accuracy']:.3f}",
+            "sweep": f"best FID {got['sweep_best_fid']:.2f}"}
+    rows = [[f"`{item['stage']}`", f"{item['seconds']:.0f}", what.get(item["stage"], "")] for item in data["stages"]]
+    rows.append(["**make demo**", f"**{data['seconds']:.0f}**", minutes(data["seconds"])])
+    return made_by("python benchmarks/make_demo.py --data-root DATA_DIR --out OUT", data["machine"], data["date"],
+                   MAKE_DEMO) + table(["stage", "seconds", "what it did"], rows)
+
+
+def cpu_scaling() -> str:
+    """1 and 2 CPU workers at the same per-worker batch (benchmarks/scaling.py)."""
+    data = load("scaling-cpu.json")
+    rows = [[row["run"], row["global_batch"], row["steps"], f"{row['img_per_s']:,}", f"{row['train_s']:.1f}",
+             f"{row['fid']:.1f}"] for row in data["rows"]]
+    return made_by("python benchmarks/scaling.py --data DATA_DIR/mnist --out OUT", data["machine"], data["date"],
+                   "scaling-cpu.json") + table(["run", "global batch", "steps", "img/s", "train s", "FID"], rows)
+
+
+def spool_outage() -> str:
+    """What an outage of the tracking server costs rank 0's calls (benchmarks/spool_outage.py)."""
+    data = load("spool-outage-cpu.json")
+    rows = [["one epoch's calls, server up (median)", f"{data['epoch_calls_s_server_up']:.3f}"],
+            ["the first epoch's calls once the server is dead (connection refused, one short retry, then spooled)",
+             f"{data['first_epoch_calls_s_server_down']:.3f}"],
+            ["each later epoch's calls while it is dead (append to the spool only, median)",
+             f"{data['later_epoch_calls_s_server_down']:.4f}"],
+            [f"delivering the {data['records_spooled']} spooled records after the restart (every epoch's point "
+             f"present once: {'yes' if data['fid_steps_complete'] else 'no'})", f"{data['delivery_s_after_restart']:.2f}"]]
+    return made_by(f"python benchmarks/spool_outage.py --out OUT --epochs {data['epochs']}", data["machine"],
+                   data["date"], "spool-outage-cpu.json") + table(["", "seconds"], rows)
+
+
+SUITE = "suite-cpu.json"  # benchmarks/suite_time.py's record of `make test`
+
+
+def suite_time() -> str:
+    data = load(SUITE)
+    counts = f"{data['passed']} passed, {data['failed']} failed, {data['skipped']} skipped"
+    return made_by("python benchmarks/suite_time.py --out OUT/suite.json", data["machine"], data["date"], SUITE) + \
+        table(["run", "time", "tests"], [[f"`{data['command']}`", minutes(data["seconds"]), counts]])
+
+
+def readme_commands() -> str:
+    """What the three make commands cost, each from the JSON that measured it."""
+    demo, suite = load(MAKE_DEMO), load(SUITE)
+    rows = [["`make demo`", f"{minutes(demo['seconds'])}, setup included ([{demo['date']}, stage by stage]"
+             f"(docs/benchmarks.md#make-demo))", "not measured"],
+            ["`make repro`", "about 2 h of training per dataset, then the sweep: a GPU job ([how it was estimated]"
+             "(docs/benchmarks.md#how-long-dvc-repro-takes))", "not measured"],
+            ["`make test`", f"{minutes(suite['seconds'])} ([{suite['date']}](docs/testing.md))", "not measured"]]
+    return table(["command", f"on a {demo['machine']}", "on one GPU"], rows)
+
+
+TABLES = {"conditional-default": conditional_default, "readme-commands": readme_commands, "suite-time": suite_time, "cpu-scaling": cpu_scaling, "spool-outage": spool_outage, "make-demo": make_demo_stages, "gpu-engine": gpu_engine,
           "recipes-h100-mnist": lambda: recipes_h100("mnist"),
           "recipes-h100-fashion_mnist": lambda: recipes_h100("fashion_mnist"),
           "recipes-cpu": recipes_cpu, "sweep-mnist": sweep_mnist}
@@ -163,16 +228,18 @@ def stale_blocks(page: Path) -> list[str]:
             if m.group(2) not in TABLES or m.group(3) != TABLES[m.group(2)]()]
 
 
+PAGES = [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only say which tables differ from their JSON")
     args = parser.parse_args()
-    pages = sorted(DOCS.glob("*.md"))
     if args.check:
-        stale = [item for page in pages for item in stale_blocks(page)]
+        stale = [item for page in PAGES for item in stale_blocks(page)]
         print("\n".join(stale) or "every table matches its JSON")
         sys.exit(1 if stale else 0)
-    for page in pages:
+    for page in PAGES:
         text = page.read_text()
         if render(text) != text:
             page.write_text(render(text))

@@ -6,14 +6,19 @@ Nothing here needs the internet or data outside the repository.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import http.server
 import os
+import pty
 import re
+import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from contextlib import contextmanager
@@ -260,6 +265,38 @@ def end_process_tree(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.wait(timeout=30)
+
+
+BAR = "%|"  # tqdm's "100%|███|": a progress bar was drawn
+
+
+def on_a_terminal(args: list[str], cwd: Path, timeout: float = 600) -> str:
+    """Run a command with stdout and stderr on a pseudo-terminal; everything it drew."""
+    controller, terminal = pty.openpty()
+    # 50 rows x 160 columns: a terminal of size 0 x 0 gives tqdm no room to draw
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    process = subprocess.Popen(args, cwd=cwd, env=tool_env(), stdin=subprocess.DEVNULL,
+                               stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([controller], [], [], 1.0)
+            if ready:
+                try:
+                    chunks.append(os.read(controller, 65536))
+                except OSError:  # every writer closed the terminal
+                    break
+            elif process.poll() is not None:  # exited; Ray's daemons may still hold the terminal open
+                break
+            assert time.monotonic() < deadline, f"{args} did not finish in {timeout} s"
+        process.wait(timeout=60)
+    finally:
+        end_process_tree(process)  # and what it started, also when the deadline passed
+        os.close(controller)
+    output = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0, output[-3000:]
+    return output
 
 
 def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:

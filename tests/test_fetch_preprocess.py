@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from helpers import idx_bytes, make_dvc_repo, md5, project_params, run_cmd, synthetic_split
+from helpers import BAR, idx_bytes, make_dvc_repo, md5, on_a_terminal, project_params, run_cmd, synthetic_split
 from gan.data import DatasetSpec, IDXError, load_idx_split, read_idx
 from pipeline.fetch import FetchError, fetch_dataset, fetch_file
 
@@ -117,7 +118,7 @@ def test_read_idx_round_trip_and_strict_errors(tmp_path):
 @pytest.mark.integration
 def test_dvc_repro_of_fashion_mnist_alone_matches_served_arrays_and_runs_every_stage(mirror, tmp_path):
     """One dataset, not the first shipped: preprocess keeps the served arrays, and every stage runs, sweep included
-    (tiny budgets: a 1-trial sweep of one epoch)."""
+    (tiny budgets: a 1-trial sweep of one epoch), drawing progress bars on a terminal."""
     repo = make_dvc_repo(tmp_path / "repo", project_params(
         data={"datasets": ["fashion_mnist"], "mirrors": {"fashion_mnist": [mirror.url]}, "verify_checksums": False},
         model={"name": "mlp", "hidden": [32], "latent_dim": 8},
@@ -164,7 +165,10 @@ def test_dvc_repro_of_fashion_mnist_alone_matches_served_arrays_and_runs_every_s
         np.testing.assert_array_equal(npz["y_train"], expect_labels[:120])
         assert npz["x_test"].shape == (100, 28, 28)  # the floor is measured on the whole test split
 
-    run_cmd(["dvc", "repro"], repo)
+    # The rest of the stages, on a terminal as a user runs them: train and the sweep draw their progress bars.
+    shown = on_a_terminal(["dvc", "repro"], repo)
+    assert re.search(r"epoch 1/1 it (\d+)/\1 loss_d", shown) and BAR in shown and "img/s" in shown, shown[-3000:]
+    assert "sweep: 100%" in shown and "1/1" in shown and "best fid" in shown, shown[-3000:]
     assert json.loads((repo / "metrics/train/fashion_mnist.json").read_text())["status"] == "completed"
     trials = pd.read_csv(repo / "sweep/results.csv")
     assert len(trials) == 1 and trials["fid"].notna().all(), trials

@@ -1,26 +1,18 @@
-"""What a user sees around the runs: the experiment kind, lineage to `dvc exp`, `dvc metrics`/`plots`, progress."""
+"""What a user sees around the runs: the experiment kind, `dvc metrics`/`plots`, the progress feed.
+
+(The progress bars on a terminal: tests/test_fetch_preprocess.py draws them in its one-dataset `dvc repro`.)
+"""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
-import select
-import struct
-import subprocess
-import termios
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import UNUSED_MIRROR, copy_repo, project_params, run_cmd, tool_env
+from helpers import run_cmd
 from pipeline import tracking
-
-BAR = "%|"  # tqdm's "100%|███|": a progress bar was drawn
-
 
 def store(repo: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
@@ -69,62 +61,3 @@ def test_dvc_metrics_and_plots_read_well_with_one_dataset(swept_repo, tmp_path):
     drawn = json.loads(run_cmd(["dvc", "plots", "show", "--json"], repo).stdout)
     assert not drawn.get("errors") and set(drawn["data"]) == {
         "plots/losses/mnist.csv", "plots/quality/mnist.csv", "plots/samples/mnist.png"}
-
-
-def lineage_params(mirror_url: str) -> dict:
-    """Seconds per stage on the synthetic fixture; a 2-trial sweep of one epoch each."""
-    params = project_params(
-        data={"datasets": ["mnist"], "mirrors": {"mnist": [mirror_url]}, "verify_checksums": False},
-        model={"name": "mlp", "hidden": [32, 64], "latent_dim": 16},
-        train={"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr_g": 0.01, "lr_d": 0.01,
-               "eval_samples": 200, "log_every": 1},
-        ray={"use_gpu": False, "num_workers": 1},
-    )
-    params["sweep"].update(dataset="mnist", space={"lr_d": [0.01, 0.02]}, num_samples=1, scheduler="fifo",
-                           epochs=1, num_workers=1, max_concurrent_trials=1)
-    return params
-
-
-@pytest.fixture(scope="module")
-def small_repo(evaluated_repo, tmp_path_factory) -> Path:
-    return copy_repo(evaluated_repo, tmp_path_factory.mktemp("lineage"), lineage_params(UNUSED_MIRROR))
-
-
-def on_a_terminal(args: list[str], cwd: Path, timeout: float = 600) -> str:
-    """Run a command with stdout and stderr on a pseudo-terminal; everything it drew."""
-    controller, terminal = pty.openpty()
-    # 50 rows x 160 columns: a terminal of size 0 x 0 gives tqdm no room to draw
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
-    process = subprocess.Popen(args, cwd=cwd, env=tool_env(), stdin=subprocess.DEVNULL,
-                               stdout=terminal, stderr=terminal)
-    os.close(terminal)
-    chunks, deadline = [], time.monotonic() + timeout
-    try:
-        while True:
-            ready, _, _ = select.select([controller], [], [], 1.0)
-            if ready:
-                try:
-                    chunks.append(os.read(controller, 65536))
-                except OSError:  # every writer closed the terminal
-                    break
-            elif process.poll() is not None:  # exited; Ray's daemons may still hold the terminal open
-                break
-            assert time.monotonic() < deadline, f"{args} did not finish in {timeout} s"
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(controller)
-    output = b"".join(chunks).decode(errors="replace")
-    assert process.returncode == 0, output[-3000:]
-    return output
-
-
-@pytest.mark.integration
-def test_progress_bars_show_on_a_terminal(small_repo):
-    train = on_a_terminal(["ganpipe", "train", "--dataset", "mnist"], small_repo)
-    assert BAR in train and "epoch 1/1 it 4/4 loss_d" in train and "img/s" in train
-
-    sweep = on_a_terminal(["ganpipe", "sweep"], small_repo)
-    assert "sweep: 100%" in sweep and "2/2" in sweep and "best fid" in sweep
