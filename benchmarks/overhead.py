@@ -9,7 +9,9 @@ measures, in one run and at equal threads (one CPU worker, one torch thread):
 2. `ganpipe train` (a subprocess, as DVC runs it), its seconds split by the report's ``timings``;
 3. a sweep of --trials one-epoch-budget trials against --trials times the engine alone.
 
-    python benchmarks/overhead.py --data DATA_DIR/mnist --out /tmp/ganpipe-overhead
+    python benchmarks/overhead.py --data DATA_DIR/mnist --out OUT
+
+writes its figures to OUT/overhead.json (OUT: the scratch repository), which docs/tables.py renders.
 
 Targets: train costs at most 15% + 20 s over the engine alone; a sweep trial at most 5 s
 beyond its training.
@@ -18,7 +20,9 @@ beyond its training.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import time
 from pathlib import Path
 
@@ -107,6 +111,15 @@ def main() -> None:
             print(f"  {key.removesuffix('_s').replace('_', ' ')} | {value:.1f}")
 
     per_trial = trials["wall_seconds"] - engine_trial
+    record = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU, 1 worker, 1 thread",
+              "train_images": args.train_images, "epochs": args.epochs, "eval_samples": args.eval_samples,
+              "engine_s": round(engine, 1), "stage_s": round(stage, 1), "fixed_s": round(fixed, 1),
+              "fixed_target_s": round(target, 1),
+              "parts_s": {key.removesuffix("_s"): round(value, 1) for key, value in parts.items() if key != "fit_s"},
+              "trials": len(trials), "sweep_epochs": args.sweep_epochs, "engine_trial_s": round(engine_trial, 1),
+              "sweep_s": round(sweep, 1), "per_trial_extra_mean_s": round(per_trial.mean(), 1),
+              "per_trial_extra_max_s": round(per_trial.max(), 1)}
+    (repo / "overhead.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nsweep, {len(trials)} trials of {args.sweep_epochs} epoch(s) | seconds")
     print("--- | ---")
     print(f"{len(trials)} x engine alone (reference) | {len(trials) * engine_trial:.1f}")

@@ -6,14 +6,16 @@ One run measures, for each batch size, 1 D + 1 G update per batch (loss ns, Adam
   (b) engine: GANTrainer + DeviceBatches, eager, as shipped;
   (c) engine fastest: CUDA graph + bf16 on CUDA (on CPU the same as (b)).
 
-    python benchmarks/throughput.py [--device cuda] [--steps 200] [--batch-sizes 64 512]
+    python benchmarks/throughput.py --out OUT/throughput.json [--device cuda] [--steps 200] [--batch-sizes 64 512]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--data", help="an IDX images file, e.g. DATA_DIR/mnist/t10k-images-idx3-ubyte.gz (default: random images)")
     parser.add_argument("--loader-workers", type=int, help="DataLoader workers for (a) (default: 2 on CUDA, 0 on CPU)")
+    parser.add_argument("--out", type=Path, required=True, help="the JSON to write (docs/tables.py renders it)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -157,7 +160,7 @@ def main() -> None:
           f"{steps} timed steps after {warmup} warm-up steps; DCGAN-28, 1 D + 1 G update per batch\n")
     print("| loop | batch | img/s | s/epoch (60k) | target (one H100) |")
     print("| --- | --- | --- | --- | --- |")
-    ratios = []
+    ratios, rows = [], []
     for batch_size in args.batch_sizes:
         rates = {
             "a": time_tutorial(models, images, batch_size, device, warmup, steps, workers),
@@ -169,10 +172,15 @@ def main() -> None:
         for key, rate in rates.items():
             target = f">= {TARGETS[batch_size] / 1000:.0f}k img/s" if key == "c" and batch_size in TARGETS else ""
             print(f"| {labels[key]} | {batch_size} | {rate:,.0f} | {EPOCH_IMAGES / rate:.2f} | {target} |")
+            rows.append({"loop": key, "batch": batch_size, "img_per_s": round(rate, 1)})
         ratios.append((batch_size, rates["c"] / rates["a"], rates["b"] / rates["a"]))
     print()
     for batch_size, c_over_a, b_over_a in ratios:
         print(f"batch {batch_size}: c/a = {c_over_a:.2f}x, b/a = {b_over_a:.2f}x")
+    record = {"date": datetime.date.today().isoformat(), "machine": name, "torch": torch.__version__, "steps": steps,
+              "data": Path(source).name, "rows": rows}  # the file name: the folder is the user's
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

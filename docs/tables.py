@@ -212,7 +212,91 @@ def readme_commands() -> str:
     return table(["command", f"on a {demo['machine']}", "on one GPU"], rows)
 
 
-TABLES = {"conditional-default": conditional_default, "readme-commands": readme_commands, "suite-time": suite_time, "cpu-scaling": cpu_scaling, "spool-outage": spool_outage, "make-demo": make_demo_stages, "gpu-engine": gpu_engine,
+def overhead() -> str:
+    """What `ganpipe train` and a sweep add around the engine doing the same work (benchmarks/overhead.py)."""
+    data = load("overhead-cpu.json")
+    verdict = "met" if data["fixed_s"] <= data["fixed_target_s"] else "not met"
+    trial_verdict = "met" if data["per_trial_extra_max_s"] <= 5 else "not met"
+    rows = [[f"engine alone, {data['epochs']} epochs with evaluation (reference)", f"{data['engine_s']:.1f}"],
+            ["`ganpipe train`, same work", f"{data['stage_s']:.1f}"],
+            [f"**train: fixed cost** (target ≤ 15% + 20 s ≈ {data['fixed_target_s']:.0f} s)",
+             f"**{data['fixed_s']:.1f}**: {verdict}"],
+            *[[f"∟ {name.replace('_', ' ')}", f"{seconds:.1f}"] for name, seconds in data["parts_s"].items()],
+            [f"{data['trials']}-trial sweep, against {data['trials']} × engine alone "
+             f"({data['trials'] * data['engine_trial_s']:.1f} s)", f"{data['sweep_s']:.1f}"],
+            ["**sweep: per trial beyond its training** (target ≤ 5 s)",
+             f"**{data['per_trial_extra_mean_s']:.1f} mean, {data['per_trial_extra_max_s']:.1f} max**: {trial_verdict}"]]
+    return made_by("python benchmarks/overhead.py --data DATA_DIR/mnist --out OUT", data["machine"], data["date"],
+                   "overhead-cpu.json") + table(["", "seconds"], rows)
+
+
+LOOPS = {"a": "(a) tutorial: per-item transforms + DataLoader",
+         "b": "(b) the engine, eager (data on the device, no per-step host sync)",
+         "c": "(c) the engine, fastest path (CUDA graph + bf16 on CUDA; on CPU = b)"}
+
+
+def cpu_throughput() -> str:
+    """The tutorial loop against the engine on a CPU (benchmarks/throughput.py)."""
+    data = load("throughput-cpu.json")
+    rows = [[LOOPS[row["loop"]], row["batch"], f"{row['img_per_s']:,.0f}", f"{60_000 / row['img_per_s']:.0f}"]
+            for row in data["rows"]]
+    command = (f"python benchmarks/throughput.py --data DATA_DIR/mnist/{data['data']} --steps {data['steps']} "
+               "--out OUT/throughput.json")
+    return made_by(command, data["machine"], data["date"], "throughput-cpu.json") + \
+        table(["loop", "batch", "img/s", "s per 60k epoch"], rows)
+
+
+def variety(path: str, dataset: str, names: dict[str, str]) -> str:
+    """A variety run of benchmarks/recipes.py (its command sits above the block): each row's figures after its
+    last epoch beside the real-vs-real floor; ``names`` maps the JSON's rows to what the table calls them."""
+    data = load(path)
+    run = data["datasets"][dataset]
+    floor = run["floor"]
+    keys = ("fid", "precision", "recall", "recall_within_class", "cond_accuracy")
+
+    def cells(scores: dict) -> list[str]:
+        return [f"{scores['fid']:.2f}", *(f"{scores[key]:.2f}" for key in keys[1:-1]), f"{scores[keys[-1]]:.3f}"]
+
+    rows = [[shown, *cells(run["rows"][name]["scores"][-1])] for name, shown in names.items()]
+    rows.append(["real train vs test (floor)", *cells(floor)])
+    machine = f"2-core CPU, 1 thread per run, evaluator {run['evaluator_test_accuracy']:.2%}"
+    return (f"Machine: {machine}. Date: {data['date']}. n = {data['eval_samples']:,}. Data: [{path}]({path}).\n\n"
+            + table(["row", "FID", "precision", "recall", "recall in class", "cond acc"], rows))
+
+
+def variety_targets() -> str:
+    """The default's row of the latest variety run against the targets, each read against that run's floor."""
+    lines, verdicts = [], {}
+    for dataset, accuracy in (("mnist", 0.95), ("fashion_mnist", 0.90)):
+        run = load(f"variety-tacgan-{dataset}-1ep-cpu.json")["datasets"][dataset]
+        got, floor = run["rows"]["default"]["scores"][-1], run["floor"]
+        verdicts[dataset] = []
+        for key, share in (("recall", 0.8), ("recall_within_class", 0.7)):
+            need = share * floor[key]
+            verdicts[dataset].append(f"{got[key]:.2f} against {need:.2f}: "
+                                     + ("met" if got[key] >= need else f"missed by {need - got[key]:.2f}"))
+        verdicts[dataset].append(f"{got['cond_accuracy']:.3f} against {accuracy:.2f}: "
+                                 + ("met" if got["cond_accuracy"] >= accuracy else "missed"))
+    names = ("recall ≥ 0.8 × floor", "recall within a class ≥ 0.7 × floor", "conditional accuracy")
+    for index, name in enumerate(names):
+        lines.append([name, verdicts["mnist"][index], verdicts["fashion_mnist"][index]])
+    return table(["target", "MNIST", "Fashion-MNIST"], lines)
+
+
+CLASS_WEIGHT_ROWS = {"default": "default (`class_weight` 1.0)", "acgan-cw0.3": "`class_weight` 0.3",
+                     "acgan-cw0.1": "`class_weight` 0.1"}
+KIND_ROWS = {"default": "default (`acgan`)", "default+tacgan": "`tacgan`", "default+projection": "`projection`"}
+
+
+TABLES = {"conditional-default": conditional_default,
+          "variety-class-weight-mnist": lambda: variety("variety-mnist-1ep-cpu.json", "mnist", CLASS_WEIGHT_ROWS),
+          "variety-class-weight-fashion_mnist": lambda: variety(
+              "variety-fashion_mnist-1ep-cpu.json", "fashion_mnist",
+              {k: v for k, v in CLASS_WEIGHT_ROWS.items() if k != "acgan-cw0.1"}),
+          "variety-targets": variety_targets,
+          "variety-kind-mnist": lambda: variety("variety-tacgan-mnist-1ep-cpu.json", "mnist", KIND_ROWS),
+          "variety-kind-fashion_mnist": lambda: variety("variety-tacgan-fashion_mnist-1ep-cpu.json", "fashion_mnist",
+                                                        KIND_ROWS), "overhead": overhead, "cpu-throughput": cpu_throughput, "readme-commands": readme_commands, "suite-time": suite_time, "cpu-scaling": cpu_scaling, "spool-outage": spool_outage, "make-demo": make_demo_stages, "gpu-engine": gpu_engine,
           "recipes-h100-mnist": lambda: recipes_h100("mnist"),
           "recipes-h100-fashion_mnist": lambda: recipes_h100("fashion_mnist"),
           "recipes-cpu": recipes_cpu, "sweep-mnist": sweep_mnist}
