@@ -101,6 +101,20 @@ def test_acgan_discriminator_predicts_the_class_instead_of_seeing_it(model):
     assert narrow(torch.randn(5, 16), torch.arange(5)).shape == (5, *IMAGE)
 
 
+def update_and_replay(trainer: GANTrainer, update, real: torch.Tensor, labels: torch.Tensor):
+    """``update``'s first metric (its loss), and D's (logits, class logits, fake labels) on the same real and fake
+    batch, recomputed by hand with copies of G and D taken before the update."""
+    generator, discriminator = copy.deepcopy(trainer.g_module), copy.deepcopy(trainer.d_module)
+    state = trainer.noise_generator.get_state()
+    loss = update(real, labels)[0]
+    trainer.noise_generator.set_state(state)  # the same fakes and fake labels again
+    fake_labels = trainer.fake_labels(len(real))
+    with torch.no_grad():
+        fake = generator(trainer.noise(len(real)), fake_labels)
+        logits, class_logits = discriminator(torch.cat([real, fake]), torch.cat([labels, fake_labels]))
+    return loss, logits, class_logits, fake_labels
+
+
 @pytest.mark.parametrize("class_weight", [0.0, 1.0])
 def test_acgan_class_head_learns_from_real_labels_and_g_from_the_asked_ones(class_weight):
     """D's class head trains on the real batch's labels only; G's loss gains the cross-entropy of its fakes."""
@@ -111,14 +125,7 @@ def test_acgan_class_head_learns_from_real_labels_and_g_from_the_asked_ones(clas
     trainer._d_update(real, labels)
     assert torch.equal(head, trainer.d_module.classifier.weight) == (class_weight == 0)
 
-    generator, discriminator = copy.deepcopy(trainer.g_module), copy.deepcopy(trainer.d_module)
-    state = trainer.noise_generator.get_state()
-    loss_g = trainer._g_update(real, labels)[0]
-    trainer.noise_generator.set_state(state)  # the same fakes and fake labels again, by hand
-    fake_labels = trainer.fake_labels(16)
-    with torch.no_grad():
-        fake = generator(trainer.noise(16), fake_labels)
-        logits, class_logits = discriminator(torch.cat([real, fake]), torch.cat([labels, fake_labels]))
+    loss_g, logits, class_logits, fake_labels = update_and_replay(trainer, trainer._g_update, real, labels)
     adversarial = nn.functional.binary_cross_entropy_with_logits(logits[16:], torch.ones(16))  # ns
     cross_entropy = nn.functional.cross_entropy(class_logits[16:], fake_labels)
     assert cross_entropy > 1.0  # an untrained head: about log(10)
@@ -128,36 +135,20 @@ def test_acgan_class_head_learns_from_real_labels_and_g_from_the_asked_ones(clas
 def test_tacgan_twin_head_learns_the_fakes_classes_and_g_is_paid_for_what_it_cannot_tell():
     """TAC-GAN: D's class logits are the class head's then the twin's; D's twin term is the fakes' asked classes,
     and G's class term is the class head's cross-entropy minus the twin's."""
+    bce, ce = nn.functional.binary_cross_entropy_with_logits, nn.functional.cross_entropy
     trainer = make_trainer("dcgan", "tacgan", class_weight=0.5)
     images, labels = labelled_data(16)
     real = images.float().unsqueeze(1) / 127.5 - 1
-    generator, discriminator = copy.deepcopy(trainer.g_module), copy.deepcopy(trainer.d_module)
-    state = trainer.noise_generator.get_state()
-    loss_d = trainer._d_update(real, labels)[0]
-    trainer.noise_generator.set_state(state)
-    fake_labels = trainer.fake_labels(16)
-    with torch.no_grad():
-        fake = generator(trainer.noise(16), fake_labels)
-        logits, class_logits = discriminator(torch.cat([real, fake]), torch.cat([labels, fake_labels]))
+
+    loss_d, logits, class_logits, fake_labels = update_and_replay(trainer, trainer._d_update, real, labels)
     assert class_logits.shape == (32, 2 * CLASSES)
-    adversarial = (nn.functional.binary_cross_entropy_with_logits(logits[:16], torch.ones(16))
-                   + nn.functional.binary_cross_entropy_with_logits(logits[16:], torch.zeros(16)))
-    class_term = (nn.functional.cross_entropy(class_logits[:16, :CLASSES], labels)
-                  + nn.functional.cross_entropy(class_logits[16:, CLASSES:], fake_labels))
+    adversarial = bce(logits[:16], torch.ones(16)) + bce(logits[16:], torch.zeros(16))
+    class_term = ce(class_logits[:16, :CLASSES], labels) + ce(class_logits[16:, CLASSES:], fake_labels)
     assert loss_d == pytest.approx(float(adversarial + 0.5 * class_term), rel=1e-5)
 
-    generator, discriminator = copy.deepcopy(trainer.g_module), copy.deepcopy(trainer.d_module)
-    state = trainer.noise_generator.get_state()
-    loss_g = trainer._g_update(real, labels)[0]
-    trainer.noise_generator.set_state(state)
-    fake_labels = trainer.fake_labels(16)
-    with torch.no_grad():
-        fake = generator(trainer.noise(16), fake_labels)
-        logits, class_logits = discriminator(torch.cat([real, fake]), torch.cat([labels, fake_labels]))
-    adversarial = nn.functional.binary_cross_entropy_with_logits(logits[16:], torch.ones(16))
-    class_term = (nn.functional.cross_entropy(class_logits[16:, :CLASSES], fake_labels)
-                  - nn.functional.cross_entropy(class_logits[16:, CLASSES:], fake_labels))
-    assert loss_g == pytest.approx(float(adversarial + 0.5 * class_term), rel=1e-5)
+    loss_g, logits, class_logits, fake_labels = update_and_replay(trainer, trainer._g_update, real, labels)
+    class_term = ce(class_logits[16:, :CLASSES], fake_labels) - ce(class_logits[16:, CLASSES:], fake_labels)
+    assert loss_g == pytest.approx(float(bce(logits[16:], torch.ones(16)) + 0.5 * class_term), rel=1e-5)
     result = trainer.train_epoch(labelled_batches(64))
     assert all(math.isfinite(v) for v in result.metrics.values())
 
