@@ -30,8 +30,9 @@ import psutil
 import torch
 import yaml
 
-from gan.data import to_unit_range
-from gan.engine import EngineConfig
+from gan.data import DeviceBatches, to_unit_range
+from gan.engine import EngineConfig, GANTrainer
+from gan.models import build_models
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -361,3 +362,30 @@ def small_generator_record(**model) -> dict:
     generator, _ = build_generator_and_discriminator(settings, "mnist")
     return {"format": RECORD_FORMAT, "state_dict": generator.state_dict(), "model": settings.model_dump(),
             "noise": "gaussian", "dataset": "mnist"}
+
+
+# ---------------------------------------------------------------- small class-conditional models and data
+
+IMAGE = (1, 28, 28)
+SMALL_CONDITIONAL = dict(latent_dim=16, hidden=(32, 64), channels=8, label_embedding=64)
+CLASSES = 10
+
+
+def conditional_models(model: str = "dcgan", conditional: str = "projection", **kwargs):
+    torch.manual_seed(0)
+    return build_models(model, IMAGE, conditional=conditional, num_classes=CLASSES, **{**SMALL_CONDITIONAL, **kwargs})
+
+
+def make_trainer(model: str = "dcgan", conditional: str = "projection", seed: int = 0, **config) -> GANTrainer:
+    generator, discriminator = conditional_models(model, conditional)
+    return GANTrainer(generator, discriminator, engine_config(**config), device="cpu", seed=seed)
+
+
+def labelled_data(n: int = 128, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = synthetic_split(n, seed=seed)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def labelled_batches(n: int = 128, batch_size: int = 16, seed: int = 3) -> DeviceBatches:
+    images, labels = labelled_data(n, seed)
+    return DeviceBatches(images, batch_size, seed=seed, labels=labels)
