@@ -286,6 +286,7 @@ def variety_targets() -> str:
 CLASS_WEIGHT_ROWS = {"default": "default (`class_weight` 1.0)", "acgan-cw0.3": "`class_weight` 0.3",
                      "acgan-cw0.1": "`class_weight` 0.1"}
 KIND_ROWS = {"default": "default (`acgan`)", "default+tacgan": "`tacgan`", "default+projection": "`projection`"}
+WIDE_ROWS = {"default": "default (`acgan`, `label_embedding` 16)", "projection-e64": "`projection`, `label_embedding` 64"}
 
 
 TABLES = {"conditional-default": conditional_default,
@@ -294,6 +295,9 @@ TABLES = {"conditional-default": conditional_default,
               "variety-fashion_mnist-1ep-cpu.json", "fashion_mnist",
               {k: v for k, v in CLASS_WEIGHT_ROWS.items() if k != "acgan-cw0.1"}),
           "variety-targets": variety_targets,
+          "variety-wide-mnist": lambda: variety("variety-projection-mnist-1ep-cpu.json", "mnist", WIDE_ROWS),
+          "variety-wide-fashion_mnist": lambda: variety("variety-projection-fashion_mnist-1ep-cpu.json", "fashion_mnist",
+                                                        WIDE_ROWS),
           "variety-kind-mnist": lambda: variety("variety-tacgan-mnist-1ep-cpu.json", "mnist", KIND_ROWS),
           "variety-kind-fashion_mnist": lambda: variety("variety-tacgan-fashion_mnist-1ep-cpu.json", "fashion_mnist",
                                                         KIND_ROWS), "overhead": overhead, "cpu-throughput": cpu_throughput, "readme-commands": readme_commands, "suite-time": suite_time, "cpu-scaling": cpu_scaling, "spool-outage": spool_outage, "make-demo": make_demo_stages, "gpu-engine": gpu_engine,
