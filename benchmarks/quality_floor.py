@@ -3,14 +3,18 @@
 Splits them 8k/2k (seeded), trains an evaluator on the 8k, reports its accuracy
 on the 2k, then scores three stand-in generators against the 2k with
 ``gan.metrics.reference_scores``: replayed real train images (the floor), uniform
-noise and single-class replay (ceilings). Prints a markdown table.
+noise and single-class replay (ceilings). Prints a markdown table and writes every figure to --out (JSON),
+which docs/tables.py renders into docs/quality.md.
 
-    python benchmarks/quality_floor.py --data DATA_DIR/mnist [--n 2000] [--epochs 10] [--device cpu] [--threads 1]
+    python benchmarks/quality_floor.py --data DATA_DIR/mnist --out OUT/quality_floor.json [--n 2000] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
 import time
 from pathlib import Path
 
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    parser.add_argument("--out", type=Path, required=True, help="the JSON to write")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +78,15 @@ def main() -> None:
     scores = reference_scores(net, images[train], images[test], labels[test], n=args.n, device=args.device,
                               real_train_labels=labels[train], seed=args.seed)
     print(markdown_table(scores))
-    print(f"\nreference_scores (3 x evaluate, n={args.n}): {time.perf_counter() - start:.1f}s")
+    seconds = time.perf_counter() - start
+    print(f"\nreference_scores (3 x evaluate, n={args.n}): {seconds:.1f}s")
+    record = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU, "
+              f"{torch.get_num_threads()} thread(s), {args.device}", "n": args.n, "train_size": len(train),
+              "held_out": len(test), "evaluator_accuracy": stats["test_accuracy"],
+              "evaluator_seconds": round(stats["train_seconds"], 1), "scores_seconds": round(seconds, 1),
+              "scores": {name: {key: float(value) for key, value in s.items()} for name, s in scores.items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

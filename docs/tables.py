@@ -264,6 +264,28 @@ def variety(path: str, dataset: str, names: dict[str, str]) -> str:
             + table(["row", "FID", "precision", "recall", "recall in class", "cond acc"], rows))
 
 
+YARDSTICK_ROWS = {"real_vs_real": "real train vs test (floor)", "noise": "uniform noise (ceiling)",
+                  "single_class": "class 0 only (mode collapse)"}
+
+
+def yardstick() -> str:
+    """Stand-in generators scored by an evaluator trained on 8k real test digits (benchmarks/quality_floor.py)."""
+    data = load("quality-floor-cpu.json")
+    rows = []
+    for name, shown in YARDSTICK_ROWS.items():
+        got = data["scores"][name]
+        within = f"{got['recall_within_class']:.3f}" if "recall_within_class" in got else "-"
+        rows.append([shown, f"{got['fid']:.2f}", f"{got['kid']:.4f}", f"{got['inception_score']:.2f}",
+                     f"{got['class_coverage']:.2f}", f"{got['class_kl']:.3f}",
+                     *(f"{got[key]:.3f}" for key in ("precision", "recall", "density", "coverage")), within])
+    command = "python benchmarks/quality_floor.py --data DATA_DIR/mnist --threads 1 --device cpu --out OUT/floor.json"
+    intro = (f"Evaluator: {data['evaluator_accuracy']:.2%} on the {data['held_out']:,} held-out digits, trained in "
+             f"{data['evaluator_seconds']:.0f} s; n = {data['n']:,}.\n\n")
+    return made_by(command, data["machine"], data["date"], "quality-floor-cpu.json") + intro + table(
+        ["stand-in", "FID", "KID", "IS", "class coverage", "class KL", "precision", "recall", "density", "coverage",
+         "recall within a class"], rows)
+
+
 def variety_targets() -> str:
     """The default's row of the latest variety run against the targets, each read against that run's floor."""
     lines, verdicts = [], {}
@@ -294,7 +316,7 @@ TABLES = {"conditional-default": conditional_default,
           "variety-class-weight-fashion_mnist": lambda: variety(
               "variety-fashion_mnist-1ep-cpu.json", "fashion_mnist",
               {k: v for k, v in CLASS_WEIGHT_ROWS.items() if k != "acgan-cw0.1"}),
-          "variety-targets": variety_targets,
+          "variety-targets": variety_targets, "yardstick": yardstick,
           "variety-wide-mnist": lambda: variety("variety-projection-mnist-1ep-cpu.json", "mnist", WIDE_ROWS),
           "variety-wide-fashion_mnist": lambda: variety("variety-projection-fashion_mnist-1ep-cpu.json", "fashion_mnist",
                                                         WIDE_ROWS),
