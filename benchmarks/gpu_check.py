@@ -34,11 +34,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
 
 from gan.data import DeviceBatches  # noqa: E402
-from gan.engine import EngineConfig, GANTrainer  # noqa: E402
+from gan.engine import GANTrainer  # noqa: E402
 from gan.images import save_png  # noqa: E402
 from gan.models import build_models  # noqa: E402
 from realdata import load_split, train_and_score, yardstick  # noqa: E402
-from throughput import LATENT_DIM, TARGETS, time_engine, time_tutorial  # noqa: E402
+from throughput import LATENT_DIM, TARGETS, time_engine, time_tutorial, tutorial_step_config  # noqa: E402
 
 
 class Report:
@@ -87,7 +87,7 @@ def graph_vs_eager(images: np.ndarray, device: torch.device, iterations: int) ->
     for precision in ("fp32", "bf16"):
         curves, graph_ran = {}, None
         for graph in (False, True):
-            config = EngineConfig(cuda_graph=graph, bf16=precision == "bf16", log_every=1)
+            config = tutorial_step_config(graph, bf16=precision == "bf16", log_every=1)
             trainer = GANTrainer(*copy.deepcopy(models), config, device=device, seed=0)
             batches = itertools.islice(DeviceBatches(data, 128, seed=0), iterations)
             history = trainer.train_epoch(batches).history

@@ -47,6 +47,7 @@ def bench_params(mirror: Path, args) -> dict:
 
 def engine_alone(repo: Path, epochs: int) -> float:
     """Seconds for ``epochs`` epochs of the engine with rank 0's per-epoch evaluation, on one thread."""
+    from gan.conditioning import conditioning_of
     from gan.data import DeviceBatches
     from gan.engine import EngineConfig, GANTrainer
     from gan.metrics import evaluate
@@ -62,7 +63,9 @@ def engine_alone(repo: Path, epochs: int) -> float:
     started = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = build_generator_and_discriminator(cfg.model, "mnist")
-    batches = DeviceBatches(torch.from_numpy(arrays["x_train"]), cfg.train.batch_size, seed=cfg.train.seed)
+    labels = torch.from_numpy(arrays["y_train"]) if conditioning_of(generator).labelled else None  # as the loop
+    batches = DeviceBatches(torch.from_numpy(arrays["x_train"]), cfg.train.batch_size, seed=cfg.train.seed,
+                            labels=labels)
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()),
                          device=torch.device("cpu"), seed=cfg.train.seed + 1000)
     for _ in range(epochs):

@@ -33,6 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gan.conditioning import conditioning_of  # noqa: E402
 from gan.data import DeviceBatches, load_idx_split  # noqa: E402
 from gan.engine import EngineConfig, GANTrainer  # noqa: E402
 from gan.metrics import evaluate  # noqa: E402
@@ -83,11 +84,13 @@ def direct_run(repo: Path, params: dict) -> float:
     generator, discriminator = build_generator_and_discriminator(cfg.model, "mnist")
     with np.load(repo / "data/processed/mnist.npz") as npz:
         x_train = torch.from_numpy(npz["x_train"]).to(device)
+        # a conditional model trains on (image, label) batches, as the loop gives them
+        labels = torch.from_numpy(npz["y_train"]).to(device) if conditioning_of(generator).labelled else None
     evaluator, reference = load_reference("mnist", repo, device)
     started = time.perf_counter()
     trainer = GANTrainer(generator, discriminator, EngineConfig.from_mapping(cfg.train.model_dump()),
                          device=device, seed=cfg.train.seed)
-    batches = DeviceBatches(x_train, cfg.train.batch_size, seed=cfg.train.seed)
+    batches = DeviceBatches(x_train, cfg.train.batch_size, seed=cfg.train.seed, labels=labels)
     for _ in range(cfg.train.epochs):
         trainer.train_epoch(batches)
         evaluate(trainer.sample, evaluator, reference, n=cfg.train.eval_samples, device=device)

@@ -114,15 +114,19 @@ def time_tutorial(models, images, batch_size, device, warmup, steps, workers) ->
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def tutorial_step_config(graph: bool, bf16: bool, log_every: int) -> EngineConfig:
+    """params.yaml's training knobs, set to the tutorial's step: the same loss and optimizer, no moving average."""
+    return EngineConfig.from_mapping({**load_config(REPO_ROOT / "params.yaml").train.model_dump(), "loss": "ns",
+                                      "optimizer": "adam", "g_ema": 0.0, "cuda_graph": graph, "bf16": bf16,
+                                      "log_every": log_every})
+
+
 def time_engine(models, images, batch_size, device, warmup, steps, *, graph: bool, bf16: bool
                 ) -> tuple[float, GANTrainer]:
     """img/s of the engine, and the trainer (``use_graph`` says whether the graph really ran)."""
     generator, discriminator = (copy.deepcopy(m) for m in models)
-    # params.yaml's training knobs, set to the tutorial's step: the same loss and optimizer, no moving average.
-    config = EngineConfig.from_mapping({**load_config(REPO_ROOT / "params.yaml").train.model_dump(), "loss": "ns",
-                                        "optimizer": "adam", "g_ema": 0.0, "cuda_graph": graph, "bf16": bf16,
-                                        "log_every": max(steps, 1)})
-    trainer = GANTrainer(generator, discriminator, config, device=device)
+    trainer = GANTrainer(generator, discriminator, tutorial_step_config(graph, bf16, log_every=max(steps, 1)),
+                         device=device)
     data = DeviceBatches(torch.from_numpy(images).to(device), batch_size)
     batches = endless(lambda: data)
     trainer.train_epoch(itertools.islice(batches, warmup))  # includes the graph capture
