@@ -61,6 +61,28 @@ def test_the_cpu_smoke_runs_every_section(tmp_path):
                and trial["peak_memory_gib"] is None for trial in row["per_trial"])  # a CPU has no GPU memory
 
 
+@pytest.mark.integration
+def test_gpu_check_runs_whole_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.py (the engine alone, torch only) at a tiny budget: throughput, graph against eager and
+    the default config's quality, each section present, with the engine built from params.yaml's train section."""
+    data = tmp_path / "data" / "mnist"
+    data.mkdir(parents=True)
+    for name, content in synthetic_idx_files(n_train=1100, n_test=200).items():  # batch 512 needs 2 batches
+        (data / name).write_bytes(content)
+    report = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--data-root", str(tmp_path / "data"), "--datasets", "mnist",
+         "--device", "cpu", "--epochs", "1", "--eval-samples", "100", "--steps", "1", "--warmup", "1",
+         "--iterations", "4", "--out", str(report)], cwd=REPO_ROOT, env=tool_env(), capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sections = json.loads(report.read_text())
+    assert {row["loop"] for row in sections["throughput"]} >= {"tutorial", "eager fp32", "graph fp32"}
+    assert sections["graph_vs_eager"]["fp32"]["iterations"] == 4
+    assert sections["graph_vs_eager"]["fp32"]["graph_ran"] is False  # a CPU trains eagerly
+    assert sections["default_mnist"]["graph"]["scores"][0]["fid"] > 0
+
+
 def test_a_gpu_run_asks_ray_for_a_gpu_and_fails_where_it_sees_none():
     params = json.loads(json.dumps(gpu_pipeline.yaml.safe_load((REPO_ROOT / "params.yaml").read_text())))
     args = Namespace(sweep_epochs=2, trials_per_gpu=None, smoke=False)
