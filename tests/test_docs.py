@@ -351,3 +351,14 @@ def test_every_figures_table_is_what_its_json_renders_to():
     assert sum(len(tables.BLOCK.findall(page.read_text())) for page in tables.PAGES) >= 2
     stale = [item for page in tables.PAGES for item in tables.stale_blocks(page)]
     assert not stale, f"run `python docs/tables.py`: {stale}"
+
+
+# ---------------------------------------------------------------- the suite's own layout (docs/testing.md)
+
+
+def test_under_xdist_a_module_is_one_group(request):
+    """`make test` runs each module on one pytest-xdist worker (--dist loadgroup), so its fixtures are built once;
+    xdist names the group in the test's id. (Under pytest 9 it could not: every test was a group of its own.)"""
+    if not getattr(request.config.option, "loadgroup", False):  # set on the workers of --dist loadgroup
+        pytest.skip("not run by pytest-xdist with --dist loadgroup")
+    assert request.node.nodeid.endswith("@test_docs"), request.node.nodeid
